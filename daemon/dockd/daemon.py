@@ -1,0 +1,340 @@
+"""`dockd run`: wires sources, sessions, uploader and observers, and supervises their tasks.
+
+Start-up order matters: open the journal (recovery reads it), reset what memory-only facts it
+holds (nothing is docked until a source says so), start the sources (they report cameras already
+present and return), close sessions a crash left offloading whose camera is gone, then upload.
+Every background task runs under `supervise`: a crash is logged and the task restarted with
+backoff; a task that keeps crashing stops the daemon with a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from dockd import __version__
+from dockd.clear import clear_session
+from dockd.config import Config
+from dockd.errors import DockdError, SourceError
+from dockd.events import CameraStatus, EventBus, Notice
+from dockd.ids import CameraId, camera_id
+from dockd.journal import Journal, SessionRow
+from dockd.journal.thread import JournalThread
+from dockd.observers.log import get as get_log
+from dockd.observers.log import log_events
+from dockd.offload.session import CameraSession
+from dockd.runtime import Problems, Runtime
+from dockd.sources.base import Docked, Source, SourceEvent, Undocked
+from dockd.sources.directory import DirectorySource
+from dockd.store.base import Store
+from dockd.store.filesystem import FilesystemStore
+
+MAX_CRASHES = 5
+CRASH_WINDOW_S = 300.0
+
+
+class DaemonFailed(DockdError):
+    """A supervised task kept crashing; the daemon stopped rather than run without it."""
+
+
+def build_store(config: Config) -> Store:
+    if config.store.kind == "filesystem":
+        assert config.store.path is not None
+        return FilesystemStore(config.store.path)
+    raise DockdError(f"store.kind {config.store.kind!r}: not available in this build")
+
+
+def build_sources(config: Config) -> list[Source]:
+    sources: list[Source] = []
+    if config.sources.directory.enabled:
+        sources.append(DirectorySource(config.sources.directory.path))
+    return sources
+
+
+class Daemon:
+    def __init__(self, config: Config, *, bus: EventBus | None = None) -> None:
+        self.config = config
+        self.bus = bus or EventBus()
+        self.log = get_log(dock_id=config.dock.id)
+        self.stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.sessions: dict[CameraId, CameraSession] = {}
+        self.docked: dict[CameraId, Docked] = {}
+        self._session_tasks: dict[CameraId, asyncio.Task[None]] = {}
+        self._failure: BaseException | None = None
+        self.rt: Runtime | None = None
+
+    async def run(self) -> int:
+        cfg = self.config
+        _prepare_state_dir(cfg)
+        journal = await asyncio.to_thread(Journal.open, cfg.journal_path, cfg.dock.id)
+        jt = JournalThread(journal)
+        store = build_store(cfg)
+        problems = Problems(self.bus, cfg.staging_dir)
+        rt = self.rt = Runtime(
+            config=cfg,
+            journal=jt,
+            bus=self.bus,
+            store=store,
+            problems=problems,
+            offload_pool=ThreadPoolExecutor(cfg.offload.parallel_cameras, "offload"),
+            upload_pool=ThreadPoolExecutor(cfg.upload.concurrency, "upload"),
+            camera_slots=asyncio.Semaphore(cfg.offload.parallel_cameras),
+        )
+        sources = build_sources(cfg)
+        queue: asyncio.Queue[SourceEvent] = asyncio.Queue()
+        log_sub = self.bus.subscribe("log")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(log_events(log_sub, cfg.dock.id), name="log-observer")
+                await self._recover(rt, store)
+                await jt(
+                    journal.custody_event,
+                    "daemon_started",
+                    None,
+                    version=__version__,
+                    pid=os.getpid(),
+                )
+                for source in sources:
+                    await source.start(queue)
+                # cameras present at start are on the queue; dock them before judging sessions
+                while not queue.empty():
+                    await self._on_source_event(queue.get_nowait())
+                await self._close_orphans(rt)
+                tg.create_task(self._supervise("sources", lambda: self._consume(queue)))
+                tg.create_task(self._supervise("uploader", self._uploader(rt)))
+                tg.create_task(self._supervise("status", self._status_writer))
+                self._write_status_soon()
+                self.ready.set()
+                self.log.info(
+                    "daemon_ready",
+                    version=__version__,
+                    sources=[s.name for s in sources],
+                    store=store.name,
+                )
+                await self.stopping.wait()
+                await self._shutdown(sources)
+                raise _Stop
+        except* _Stop:
+            pass
+        finally:
+            self.bus.unsubscribe(log_sub)
+            rt.offload_pool.shutdown(wait=True, cancel_futures=True)
+            rt.upload_pool.shutdown(wait=True, cancel_futures=True)
+            jt.close()
+        if self._failure is not None:
+            raise DaemonFailed(f"stopped: {self._failure}")
+        self.log.info("daemon_stopped")
+        return 0
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+    async def _recover(self, rt: Runtime, store: Store) -> None:
+        j = rt.journal.journal
+        await rt.journal(j.reset_docked)
+        if isinstance(store, FilesystemStore):
+            with contextlib.suppress(OSError):
+                n = await asyncio.to_thread(store.clean_incoming)
+                if n:
+                    self.log.info("store_temporaries_removed", count=n)
+
+    async def _close_orphans(self, rt: Runtime) -> None:
+        """Sessions a crash left offloading, for cameras not docked now: finish them with what
+        was verified (their camera's next docking starts a new session for the rest)."""
+        j = rt.journal.journal
+        for s in await rt.journal(j.offloading_sessions):
+            if s.camera not in self.docked:
+                state = await rt.journal(j.finish_offload, s.id, True)
+                self.log.info(
+                    "session_closed_after_restart",
+                    camera=s.camera,
+                    session_id=s.id,
+                    state=str(state),
+                )
+        rt.upload_wakeup.set()
+
+    async def _consume(self, queue: asyncio.Queue[SourceEvent]) -> None:
+        while True:
+            await self._on_source_event(await queue.get())
+
+    async def _on_source_event(self, event: SourceEvent) -> None:
+        if isinstance(event, Docked):
+            await self._on_docked(event)
+        else:
+            await self._on_undocked(event)
+
+    async def _on_docked(self, event: Docked) -> None:
+        assert self.rt is not None
+        rt = self.rt
+        cam = camera_id(event.camera)
+        if cam is None:
+            self.log.warning(
+                "camera_refused",
+                reason="camera id not allowed",
+                raw_id=event.camera[:80],
+                location=event.location,
+            )
+            rt.bus.publish(
+                Notice(
+                    "camera_refused",
+                    None,
+                    None,
+                    {
+                        "reason": "camera id must match [A-Za-z0-9._-]{1,64}",
+                        "location": event.location,
+                    },
+                )
+            )
+            await rt.journal(
+                rt.journal.journal.custody_event,
+                "camera_refused",
+                None,
+                raw_id=event.camera,
+                location=event.location,
+            )
+            return
+        if cam in self.docked:
+            return
+        self.docked[cam] = event
+        j = rt.journal.journal
+        await rt.journal(
+            j.camera_docked, cam, event.source, event.location, event.vendor_id, event.model_id
+        )
+        session = CameraSession(rt, event, cam)
+        self.sessions[cam] = session
+        task = asyncio.create_task(self._run_session(session), name=f"session-{cam}")
+        self._session_tasks[cam] = task
+        self._write_status_soon()
+
+    async def _run_session(self, session: CameraSession) -> None:
+        try:
+            await session.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # supervisor boundary: one camera's crash is not the dock's
+            self.log.exception(
+                "session_crashed", camera=session.camera, session_id=session.session_id
+            )
+            assert self.rt is not None
+            self.rt.bus.publish(
+                CameraStatus(
+                    session.camera, "error", session.session_id, error=f"internal error: {exc}"
+                )
+            )
+        finally:
+            self._session_tasks.pop(session.camera, None)
+            self._write_status_soon()
+
+    async def _on_undocked(self, event: Undocked) -> None:
+        assert self.rt is not None
+        cam = camera_id(event.camera)
+        if cam is None or cam not in self.docked:
+            return
+        del self.docked[cam]
+        session = self.sessions.pop(cam, None)
+        if session is not None:
+            session.undock()
+        task = self._session_tasks.get(cam)
+        if task is not None:
+            # the session records itself interrupted and says so; wait, so that "undocked" is
+            # journalled after it
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+        session_id = session.session_id if session else None
+        await self.rt.journal(self.rt.journal.journal.camera_undocked, cam, session_id)
+        if task is None:
+            self.bus.publish(CameraStatus(cam, "undocked", session_id))
+        self._write_status_soon()
+
+    def _uploader(self, rt: Runtime) -> Callable[[], Awaitable[None]]:
+        from dockd.upload.worker import Uploader
+
+        async def run() -> None:
+            await Uploader(rt, self._after_upload).run()
+
+        return run
+
+    async def _after_upload(self, session: SessionRow) -> None:
+        assert self.rt is not None
+        docked = self.docked.get(session.camera)
+        if self.config.camera.clear == "after_upload" and docked is not None:
+            await clear_session(self.rt, session, docked.root)
+
+    async def _status_writer(self) -> None:
+        """Keeps what only the daemon knows (problems, pid) in the journal for `dockd status`."""
+        assert self.rt is not None
+        rt = self.rt
+        while True:
+            await rt.journal(
+                rt.journal.journal.set_daemon_status,
+                pid=os.getpid(),
+                version=__version__,
+                problems=list(rt.problems.items),
+                store_reachable=rt.problems.store_reachable,
+                docked=sorted(self.docked),
+                offloading=sorted(self._session_tasks),
+            )
+            rt.problems.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.problems.changed.wait(), 30)
+
+    def _write_status_soon(self) -> None:
+        if self.rt is not None:
+            self.rt.problems.changed.set()
+
+    async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        crashes: list[float] = []
+        while True:
+            try:
+                await factory()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # supervisor boundary
+                now = time.monotonic()
+                crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
+                self.log.exception("task_crashed", task=name, crashes=len(crashes))
+                if len(crashes) >= MAX_CRASHES:
+                    self._failure = exc
+                    self.stop()
+                    return
+                await asyncio.sleep(min(60.0, 2.0 ** len(crashes)))
+
+    async def _shutdown(self, sources: list[Source]) -> None:
+        """Stop sources, then let each camera's chunk in hand finish or park: cancelling a
+        session's copy makes it discard the partial file and record the session interrupted."""
+        self.log.info("daemon_stopping")
+        for source in sources:
+            with contextlib.suppress(SourceError, OSError):
+                await source.stop()
+        for session in self.sessions.values():
+            session.park()
+        tasks = list(self._session_tasks.values())
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+
+
+class _Stop(Exception):
+    """Raised inside the task group to cancel every task at shutdown."""
+
+
+def _prepare_state_dir(cfg: Config) -> None:
+    for d in (cfg.dock.state_dir, cfg.staging_dir):
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(d, 0o700)
+
+
+def state_paths(cfg: Config) -> tuple[Path, Path]:
+    return cfg.journal_path, cfg.staging_dir

@@ -1,0 +1,1 @@
+"""What a session folder in the store holds besides the footage: manifest and sidecars."""

@@ -1,0 +1,1 @@
+"""Status observers: fed from the event bus, beside the data path, never inside it."""

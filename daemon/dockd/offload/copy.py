@@ -1,0 +1,238 @@
+"""One file from camera to staging: chunked copy, SHA-256 inline, fsync, rename, read-back.
+
+Runs whole in one worker thread (one hop per file); the event loop only schedules and records.
+The steps, and why each is there:
+
+1. open the source with O_NOFOLLOW and check it is still a regular file (the walk saw it, but
+   camera content is untrusted and a directory source can change under us);
+2. read chunk by chunk into one reused buffer, hash, write to `<id>.partial` (O_EXCL, 0600);
+3. fstat the source again: a size or mtime that moved means the copy is of a moving target;
+4. fsync the data, then rename to the final name and fsync the directory, so the final name never
+   points at bytes that are not on disk;
+5. drop the copy's pages from the cache (fsync made them clean, so POSIX_FADV_DONTNEED evicts
+   them) and read the file back from the device, comparing its hash with the inline one. On
+   filesystems without a page cache of their own (tmpfs) there is nothing to drop and the
+   read-back proves only what memory holds; staging belongs on a real disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import hmac
+import os
+import stat
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dockd.errors import CameraGone, IntegrityError, ReadFailed, SourceChanged, StagingFull
+
+# errno values that mean the device went away rather than that one file is bad
+_GONE = frozenset({errno.ENODEV, errno.ENXIO, errno.ESHUTDOWN, errno.ENOTCONN})
+
+
+class Progress:
+    """Bytes copied so far, written by the copy thread and sampled by the event loop.
+
+    A plain int attribute: one writer, readers tolerate a stale value, and the GIL makes the
+    store atomic. No lock, no callback into the loop from the copy path.
+    """
+
+    __slots__ = ("bytes_done",)
+
+    def __init__(self) -> None:
+        self.bytes_done = 0
+
+
+@dataclass(frozen=True)
+class Copied:
+    sha256: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class CopyJob:
+    source: bytes  # absolute path on the camera
+    staged: Path  # final staging path; `.partial` beside it while copying
+    size: int  # as the walk saw it
+    mtime_ns: int
+    verify_source: bool = False
+    read_attempts: int = 3
+    # Test seam for faults a real disk cannot produce on demand (a bit flipped at rest in
+    # staging): called after the rename, before the read-back.
+    before_readback: Callable[[Path], None] | None = None
+
+
+def copy_file(job: CopyJob, buf: bytearray, progress: Progress, cancel: threading.Event) -> Copied:
+    """Copy, hash, fsync, rename, read back. Raises CameraGone, SourceChanged, ReadFailed,
+    StagingFull or IntegrityError; on any of them no file is left under the final name."""
+    partial = job.staged.with_name(job.staged.name + ".partial")
+    try:
+        digest = _copy(job, partial, buf, progress, cancel)
+        os.rename(partial, job.staged)
+    except BaseException:
+        _unlink_quietly(partial)
+        raise
+    fsync_dir(job.staged.parent)
+    if job.before_readback is not None:
+        job.before_readback(job.staged)
+    back = hash_file(job.staged, buf, drop_cache=True)
+    if not hmac.compare_digest(back, digest):
+        _unlink_quietly(job.staged)
+        raise IntegrityError(
+            f"{job.staged}: read back from staging as {back[:16]}…, copied as {digest[:16]}…"
+        )
+    if job.verify_source:
+        again = _hash_source(job, buf, cancel)
+        if not hmac.compare_digest(again, digest):
+            _unlink_quietly(job.staged)
+            raise SourceChanged(f"{job.source!r}: source re-read hashes differently from the copy")
+    return Copied(digest, job.size, job.mtime_ns)
+
+
+def _copy(
+    job: CopyJob, partial: Path, buf: bytearray, progress: Progress, cancel: threading.Event
+) -> str:
+    src = _open_source(job, cancel)
+    try:
+        before = os.fstat(src)
+        _check_unchanged(job, before)
+        try:
+            dst = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise _staging_error(exc, partial) from exc
+        try:
+            h = hashlib.sha256()
+            view = memoryview(buf)
+            offset = 0
+            while True:
+                if cancel.is_set():
+                    raise CameraGone(f"{job.source!r}: camera undocked during copy")
+                n = _read_at(src, view, offset, job, cancel)
+                if n == 0:
+                    break
+                chunk = view[:n]
+                h.update(chunk)
+                _write_all(dst, chunk, partial)
+                offset += n
+                progress.bytes_done += n
+            after = os.fstat(src)
+            if offset != job.size:
+                raise SourceChanged(f"{job.source!r}: read {offset} bytes, expected {job.size}")
+            _check_unchanged(job, after)
+            try:
+                os.fsync(dst)
+            except OSError as exc:
+                raise _staging_error(exc, partial) from exc
+            return h.hexdigest()
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _open_source(job: CopyJob, cancel: threading.Event) -> int:
+    try:
+        fd = os.open(job.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        if cancel.is_set() or exc.errno in _GONE:
+            raise CameraGone(f"{job.source!r}: camera gone ({exc.strerror})") from exc
+        if exc.errno == errno.ELOOP:
+            raise SourceChanged(f"{job.source!r}: became a symlink") from exc
+        if exc.errno == errno.ENOENT:
+            raise SourceChanged(f"{job.source!r}: disappeared") from exc
+        raise ReadFailed(f"{job.source!r}: cannot open ({exc.strerror})") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SourceChanged(f"{job.source!r}: is no longer a regular file")
+    return fd
+
+
+def _check_unchanged(job: CopyJob, st: os.stat_result) -> None:
+    if st.st_size != job.size or st.st_mtime_ns != job.mtime_ns:
+        raise SourceChanged(
+            f"{job.source!r}: changed while copied (size {job.size}→{st.st_size}, "
+            f"mtime {job.mtime_ns}→{st.st_mtime_ns})"
+        )
+
+
+def _read_at(fd: int, view: memoryview, offset: int, job: CopyJob, cancel: threading.Event) -> int:
+    """pread into `view`, retrying a failed read with a bounded backoff; an undock wakes it."""
+    for attempt in range(1, job.read_attempts + 1):
+        try:
+            return os.preadv(fd, [view], offset)
+        except OSError as exc:
+            if cancel.is_set() or exc.errno in _GONE:
+                raise CameraGone(f"{job.source!r}: camera gone ({exc.strerror})") from exc
+            if attempt == job.read_attempts:
+                raise ReadFailed(
+                    f"{job.source!r}: read at byte {offset} failed {attempt} times ({exc.strerror})"
+                ) from exc
+            if cancel.wait(min(0.1 * 2**attempt, 2.0)):
+                raise CameraGone(f"{job.source!r}: camera undocked during copy") from exc
+    raise AssertionError("unreachable")
+
+
+def _write_all(fd: int, data: memoryview, path: Path) -> None:
+    while data:
+        try:
+            n = os.write(fd, data)
+        except OSError as exc:
+            raise _staging_error(exc, path) from exc
+        data = data[n:]
+
+
+def _staging_error(exc: OSError, path: Path) -> Exception:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StagingFull(f"{path}: staging is full")
+    return exc
+
+
+def _hash_source(job: CopyJob, buf: bytearray, cancel: threading.Event) -> str:
+    src = _open_source(job, cancel)
+    try:
+        with contextlib.suppress(OSError):  # advisory; a FUSE camera may not support it
+            os.posix_fadvise(src, 0, 0, os.POSIX_FADV_DONTNEED)
+        h = hashlib.sha256()
+        view = memoryview(buf)
+        offset = 0
+        while n := _read_at(src, view, offset, job, cancel):
+            h.update(view[:n])
+            offset += n
+        return h.hexdigest()
+    finally:
+        os.close(src)
+
+
+def hash_file(path: Path, buf: bytearray, *, drop_cache: bool) -> str:
+    """SHA-256 of `path`, read with `buf`. With drop_cache, evict its clean pages first so the
+    bytes come from the device, not from what we just wrote into memory."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        if drop_cache:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        h = hashlib.sha256()
+        view = memoryview(buf)
+        while n := os.readv(fd, [view]):
+            h.update(view[:n])
+        return h.hexdigest()
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or create in `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

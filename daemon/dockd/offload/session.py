@@ -1,0 +1,332 @@
+"""One docked camera's offload: open (or resume) its session, walk, copy and verify every new
+file into staging, record each in the journal, and hand the session to the upload queue.
+
+The session only schedules and records; copying runs in the offload thread pool (copy.py).
+An undock sets `cancel`: the copy thread stops at the next chunk, the partial file is removed,
+and the session is recorded as interrupted. Nothing is reported verified before its journal
+record is committed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator
+from itertools import islice
+from pathlib import Path
+
+from dockd.errors import (
+    CameraGone,
+    IntegrityError,
+    ReadFailed,
+    SourceChanged,
+    StagingFull,
+)
+from dockd.events import CameraStatus, Notice
+from dockd.events import Progress as ProgressEvent
+from dockd.ids import CameraId, SessionId, utc_now
+from dockd.journal import FileRow, FileState, SessionRow, SessionState
+from dockd.observers.log import get as get_log
+from dockd.offload.copy import CopyJob, Progress, copy_file, fsync_dir
+from dockd.offload.walk import Filter, Found, Skipped, walk
+from dockd.runtime import Runtime, free_bytes
+from dockd.sources.base import Docked
+
+WALK_BATCH = 500
+PAGE = 500
+# journal commits of verified files are batched; each file was fsynced before it joins a batch
+FLUSH_FILES = 64
+FLUSH_SECONDS = 0.25
+PROGRESS_SECONDS = 0.25
+SPACE_POLL_SECONDS = 5.0
+
+
+def staged_path(staging: Path, session_id: str, file_id: int) -> Path:
+    """Staging names are file ids, not camera names: camera names are untrusted and may not fit
+    this filesystem (a 255-character FAT name can be 765 bytes of UTF-8)."""
+    return staging / session_id / str(file_id)
+
+
+class CameraSession:
+    def __init__(self, rt: Runtime, docked: Docked, camera: CameraId) -> None:
+        self.rt = rt
+        self.docked = docked
+        self.camera = camera
+        self.cancel = threading.Event()
+        self.session_id: SessionId | None = None
+        self.state: SessionState | None = None
+        self._progress = Progress()
+        self._files_total = 0
+        self._bytes_total = 0
+        self._files_done = 0
+        self._bytes_before = 0  # bytes of files finished, so progress never goes down
+        self._parking = False
+        self._log = get_log(dock_id=rt.config.dock.id, camera=camera)
+
+    def undock(self) -> None:
+        self.cancel.set()
+
+    def park(self) -> None:
+        """Daemon shutdown: stop after the chunk in hand and leave the session offloading in the
+        journal, so the next start resumes it if the camera is still docked."""
+        self._parking = True
+        self.cancel.set()
+
+    async def run(self) -> SessionState:
+        rt = self.rt
+        officer = rt.config.officer(self.camera)
+        session, resumed = await rt.journal(
+            rt.journal.journal.open_session,
+            self.camera,
+            self.docked.vendor_id,
+            self.docked.model_id,
+            officer,
+            self.docked.location,
+        )
+        self.session_id = session.id
+        self._log = self._log.bind(session_id=session.id)
+        self._log.info("session_opened", resumed=resumed, root=str(self.docked.root))
+        self._status("docked")
+        interrupted = False
+        async with rt.camera_slots:
+            try:
+                if not self.cancel.is_set():
+                    await self._wait_for_space()
+                    await self._offload(session)
+            except CameraGone as exc:
+                self._log.warning("camera_gone", error=str(exc))
+                interrupted = True
+        if self._parking:
+            self._log.info("session_parked")
+            return SessionState.OFFLOADING
+        interrupted = interrupted or self.cancel.is_set()
+        self.state = await rt.journal(rt.journal.journal.finish_offload, session.id, interrupted)
+        await self._announce_end()
+        rt.upload_wakeup.set()
+        return self.state
+
+    async def _offload(self, session: SessionRow) -> None:
+        rt = self.rt
+        session_dir = rt.staging / session.id
+        await asyncio.to_thread(_make_session_dir, session_dir)
+        await self._record_walk(session)
+        totals = await rt.journal(rt.journal.journal.pending_totals, session.id)
+        self._files_total, self._bytes_total = totals
+        self._status("offloading")
+        buf = bytearray(rt.config.offload.chunk_size)
+        batch: list[tuple[FileRow, str, str]] = []
+        last_flush = time.monotonic()
+        ticker = asyncio.create_task(self._tick_progress())
+        try:
+            after = ""
+            while True:
+                page = await rt.journal(rt.journal.journal.pending_page, session.id, after, PAGE)
+                if not page:
+                    break
+                for f in page:
+                    after = f.path
+                    if self.cancel.is_set():
+                        raise CameraGone("camera undocked")
+                    result = await self._copy_one(f, session_dir, buf)
+                    self._bytes_before += f.size
+                    self._progress.bytes_done = 0
+                    if result is not None:
+                        batch.append(result)
+                    self._files_done += 1
+                    if len(batch) >= FLUSH_FILES or time.monotonic() - last_flush > FLUSH_SECONDS:
+                        await self._flush(batch)
+                        last_flush = time.monotonic()
+        finally:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            if batch:
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[tuple[FileRow, str, str]]) -> None:
+        await self.rt.journal(self.rt.journal.journal.files_verified, list(batch))
+        for f, sha256, _ in batch:
+            self.rt.bus.publish(
+                Notice(
+                    "file_verified", self.camera, self.session_id, {"path": f.path, "size": f.size}
+                )
+            )
+            del sha256
+        batch.clear()
+        self._publish_progress()
+
+    async def _record_walk(self, session: SessionRow) -> None:
+        rt = self.rt
+        filt = Filter(rt.config.offload.include, rt.config.offload.exclude)
+        entries = walk(os.fsencode(self.docked.root), filt)
+        added = skipped = 0
+        while True:
+            batch = await asyncio.to_thread(_take, entries, WALK_BATCH)
+            if not batch:
+                break
+            a, s = await rt.journal(rt.journal.journal.record_found, session, batch)
+            added, skipped = added + a, skipped + s
+            if self.cancel.is_set():
+                raise CameraGone("camera undocked during the walk")
+        self._log.info("camera_walked", new_files=added, skipped=skipped)
+
+    async def _copy_one(
+        self, f: FileRow, session_dir: Path, buf: bytearray
+    ) -> tuple[FileRow, str, str] | None:
+        """Copy one file with its retries. Returns what to record as verified, or None when
+        the file was recorded failed/unstable. Raises CameraGone."""
+        rt = self.rt
+        cfg = rt.config.offload
+        source = os.path.join(os.fsencode(self.docked.root), f.raw_path or f.path.encode())
+        attempts = 0
+        loop = asyncio.get_running_loop()
+        while True:
+            job = CopyJob(
+                source=source,
+                staged=session_dir / str(f.id),
+                size=f.size,
+                mtime_ns=f.mtime_ns,
+                verify_source=cfg.verify == "source-and-readback",
+                read_attempts=cfg.read_attempts,
+            )
+            self._progress.bytes_done = 0
+            try:
+                copied = await loop.run_in_executor(
+                    rt.offload_pool, copy_file, job, buf, self._progress, self.cancel
+                )
+                return f, copied.sha256, utc_now()
+            except CameraGone:
+                raise
+            except StagingFull:
+                await self._wait_for_space(full=True)
+            except SourceChanged as exc:
+                attempts += 1
+                if self.cancel.is_set():
+                    raise CameraGone("camera undocked") from exc
+                now = await asyncio.to_thread(_lstat, source)
+                if now is None:
+                    await self._give_up(f, FileState.FAILED, f"disappeared during copy: {exc}")
+                    return None
+                if attempts >= cfg.copy_attempts:
+                    await self._give_up(f, FileState.UNSTABLE, str(exc))
+                    return None
+                self._log.info("file_changed_copying_again", path=f.path, attempt=attempts)
+                f = await rt.journal(rt.journal.journal.file_restat, f, *now)
+            except ReadFailed as exc:
+                if self.cancel.is_set():
+                    raise CameraGone("camera undocked") from exc
+                await self._give_up(f, FileState.FAILED, str(exc))
+                return None
+            except IntegrityError as exc:
+                attempts += 1
+                self._log.error("staging_readback_mismatch", path=f.path, error=str(exc))
+                if attempts >= cfg.copy_attempts:
+                    await self._give_up(f, FileState.FAILED, f"staging read-back: {exc}")
+                    return None
+            except OSError as exc:
+                if self.cancel.is_set():
+                    raise CameraGone("camera undocked") from exc
+                await self._give_up(f, FileState.FAILED, f"{exc.strerror or exc}")
+                return None
+
+    async def _give_up(self, f: FileRow, state: FileState, error: str) -> None:
+        self._log.warning("file_" + str(state), path=f.path, error=error)
+        await self.rt.journal(self.rt.journal.journal.file_given_up, f, state, error)
+        self.rt.bus.publish(
+            Notice(f"file_{state}", self.camera, self.session_id, {"path": f.path, "error": error})
+        )
+
+    async def _wait_for_space(self, full: bool = False) -> None:
+        """Hold the offload while staging is below `min_free_staging` (or full), telling why."""
+        rt = self.rt
+        need = rt.config.offload.min_free_staging
+        while True:
+            free = await asyncio.to_thread(free_bytes, rt.staging)
+            if free >= need and not full:
+                rt.problems.clear("staging")
+                return
+            rt.problems.set(
+                "staging",
+                f"staging low: {free} bytes free, offload.min_free_staging is {need}; "
+                "offloads wait for uploads to release space",
+            )
+            self._status("docked", error="waiting for staging space")
+            rt.space_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(rt.space_freed.wait(), SPACE_POLL_SECONDS)
+            if self.cancel.is_set():
+                raise CameraGone("camera undocked while waiting for staging space")
+            full = False
+
+    async def _tick_progress(self) -> None:
+        while True:
+            await asyncio.sleep(PROGRESS_SECONDS)
+            self._publish_progress()
+
+    def _publish_progress(self) -> None:
+        if self.session_id is None:
+            return
+        self.rt.bus.publish(
+            ProgressEvent(
+                self.camera,
+                self.session_id,
+                "offload",
+                self._files_total,
+                self._files_done,
+                self._bytes_total,
+                min(self._bytes_total, self._bytes_before + self._progress.bytes_done),
+            )
+        )
+
+    def _status(self, state: str, *, safe: bool = False, error: str | None = None) -> None:
+        self.rt.bus.publish(
+            CameraStatus(
+                self.camera,
+                state,
+                self.session_id,
+                self._files_total,
+                self._files_done,
+                self._bytes_total,
+                min(self._bytes_total, self._bytes_before),
+                safe,
+                error,
+            )
+        )
+
+    async def _announce_end(self) -> None:
+        state = self.state
+        if state == SessionState.INTERRUPTED:
+            self._status("undocked", error="undocked before the offload finished")
+            return
+        assert self.session_id is not None
+        bad = await self.rt.journal(self.rt.journal.journal.bad_count, self.session_id)
+        error = f"{bad} file(s) could not be offloaded; left on the camera" if bad else None
+        self._status("offloaded", safe=True, error=error)
+        self.rt.bus.publish(
+            Notice("safe_to_undock", self.camera, self.session_id, {"outcome": str(state)})
+        )
+
+
+def _make_session_dir(path: Path) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+        fsync_dir(path.parent)
+    except FileExistsError:
+        for leftover in path.glob("*.partial"):  # a crash mid-copy; never reported verified
+            leftover.unlink()
+
+
+def _take(it: Iterator[Found | Skipped], n: int) -> list[Found | Skipped]:
+    return list(islice(it, n))
+
+
+def _lstat(path: bytes) -> tuple[int, int] | None:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_size, st.st_mtime_ns

@@ -1,0 +1,43 @@
+"""The Source protocol: a camera source yields Docked and Undocked, nothing else.
+
+A source reports what it sees, raw; deciding whether a camera id is acceptable is the daemon's
+job, once, for every source. `start` returns after the source has reported every camera already
+present, so the daemon knows when start-up recovery may close sessions whose camera is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class Docked:
+    source: str  # "directory" | "udev"
+    camera: str  # the raw id (serial or directory name), not yet validated
+    root: Path  # where the camera's files are readable
+    location: str  # what an operator recognises: a path, a device node
+    vendor_id: str | None = None
+    model_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Undocked:
+    source: str
+    camera: str
+    location: str
+
+
+SourceEvent = Docked | Undocked
+
+
+class Source(Protocol):
+    name: str
+
+    async def start(self, out: asyncio.Queue[SourceEvent]) -> None:
+        """Begin watching; put every camera already present on `out`, then return."""
+
+    async def stop(self) -> None:
+        """Stop watching and release what the source holds."""

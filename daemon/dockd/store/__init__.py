@@ -1,0 +1,1 @@
+"""Evidence stores behind one small protocol (`base.Store`)."""

@@ -1,0 +1,248 @@
+"""Upload workers: put one object, verify it in the store, record it; then, for a session whose
+files are all in, seal it and write SHA256SUMS, custody.jsonl and the manifest — last.
+
+Retries live here, above the Store protocol: a store that is away is waited for with
+exponential backoff and jitter (forever, or `upload.max_attempts` times); a conflict (the key
+holds other bytes) or a mismatch is never retried and never "fixed": the session is recorded
+`upload_failed` for a person to look at. Staging is released only after the manifest is in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from dockd.custody import summarize
+from dockd.errors import IntegrityError, StoreConflict, StoreError, StoreUnavailable
+from dockd.events import CameraStatus, Notice
+from dockd.events import Progress as ProgressEvent
+from dockd.evidence import keys, manifest, sums
+from dockd.journal import FileState, Journal, SessionRow
+from dockd.observers.log import get as get_log
+from dockd.offload.copy import fsync_dir
+from dockd.offload.session import staged_path
+from dockd.runtime import Runtime
+from dockd.upload.queue import Claims, FileJob, Job, SealJob, next_job
+
+
+class PermanentUploadError(Exception):
+    """Retrying cannot help (conflict, integrity); the session needs a person."""
+
+
+@dataclass
+class _Counters:
+    files_total: int
+    bytes_total: int
+    files_done: int = 0
+    bytes_done: int = 0
+
+
+class Uploader:
+    def __init__(
+        self, rt: Runtime, on_uploaded: Callable[[SessionRow], Awaitable[None]] | None = None
+    ) -> None:
+        self.rt = rt
+        self.claims = Claims()
+        self._on_uploaded = on_uploaded
+        self._counters: dict[str, _Counters] = {}
+        self._log = get_log(dock_id=rt.config.dock.id)
+
+    async def run(self) -> None:
+        """Run `upload.concurrency` workers until cancelled."""
+        async with asyncio.TaskGroup() as tg:
+            for n in range(self.rt.config.upload.concurrency):
+                tg.create_task(self._worker(n), name=f"upload-worker-{n}")
+
+    async def _worker(self, n: int) -> None:
+        rt = self.rt
+        while True:
+            rt.upload_wakeup.clear()
+            job = await rt.journal(next_job, rt.journal.journal, self.claims)
+            if job is None:
+                await rt.upload_wakeup.wait()
+                continue
+            try:
+                await self._run_job(job)
+            finally:
+                await rt.journal(_release, self.claims, job)
+                rt.upload_wakeup.set()  # a finished file may make its session ready to seal
+
+    async def _run_job(self, job: Job) -> None:
+        session = job.session
+        log = self._log.bind(camera=session.camera, session_id=session.id)
+        try:
+            if isinstance(job, FileJob):
+                await self._start_session(session)
+                await self._retrying(lambda: self._upload_file(job), log, job.file.path)
+                c = self._counters.get(session.id)
+                if c is not None:
+                    c.files_done += 1
+                    c.bytes_done += job.file.size
+                    self.rt.bus.publish(
+                        ProgressEvent(
+                            session.camera,
+                            session.id,
+                            "upload",
+                            c.files_total,
+                            c.files_done,
+                            c.bytes_total,
+                            c.bytes_done,
+                        )
+                    )
+            else:
+                await self._retrying(lambda: self._finish_session(job), log, "manifest")
+        except PermanentUploadError as exc:
+            log.error("upload_failed", error=str(exc))
+            await self.rt.journal(
+                self.rt.journal.journal.session_upload_failed, session.id, str(exc)
+            )
+            self._counters.pop(session.id, None)
+            self.rt.bus.publish(CameraStatus(session.camera, "error", session.id, error=str(exc)))
+            self.rt.bus.publish(
+                Notice("upload_failed", session.camera, session.id, {"error": str(exc)})
+            )
+
+    async def _start_session(self, session: SessionRow) -> None:
+        if session.id in self._counters:
+            return
+        files = await self.rt.journal(self.rt.journal.journal.session_files, session.id)
+        up = [f for f in files if f.state in (FileState.VERIFIED, FileState.STORED)]
+        done = [f for f in up if f.state == FileState.STORED]
+        c = _Counters(len(up), sum(f.size for f in up), len(done), sum(f.size for f in done))
+        self._counters[session.id] = c
+        self.rt.bus.publish(
+            CameraStatus(
+                session.camera,
+                "uploading",
+                session.id,
+                c.files_total,
+                c.files_done,
+                c.bytes_total,
+                c.bytes_done,
+                True,
+            )
+        )
+
+    async def _retrying(
+        self, attempt: Callable[[], Awaitable[None]], log: object, what: str
+    ) -> None:
+        cfg = self.rt.config.upload
+        tries = 0
+        while True:
+            try:
+                await attempt()
+                self.rt.problems.store(True)
+                return
+            except (StoreConflict, IntegrityError) as exc:
+                raise PermanentUploadError(str(exc)) from exc
+            except (StoreUnavailable, StoreError, OSError) as exc:
+                tries += 1
+                self.rt.problems.store(False, str(exc))
+                if cfg.max_attempts and tries >= cfg.max_attempts:
+                    raise PermanentUploadError(
+                        f"{what}: gave up after {tries} attempts: {exc}"
+                    ) from exc
+                delay = backoff(tries, cfg.backoff_initial, cfg.backoff_max)
+                self._log.warning(
+                    "store_unreachable",
+                    what=what,
+                    attempt=tries,
+                    retry_in_s=round(delay, 2),
+                    error=str(exc),
+                )
+                await asyncio.sleep(delay)
+
+    async def _upload_file(self, job: FileJob) -> None:
+        rt = self.rt
+        f, s = job.file, job.session
+        assert f.sha256 is not None
+        key = keys.file_key(s.camera, s.id, f.path)
+        src = staged_path(rt.staging, s.id, f.id)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(rt.upload_pool, rt.store.put_file, key, src, f.sha256, f.size)
+        method = await loop.run_in_executor(rt.upload_pool, rt.store.verify, key, f.sha256, f.size)
+        await rt.journal(rt.journal.journal.file_stored, f, key, f.sha256, method)
+
+    async def _finish_session(self, job: SealJob) -> None:
+        rt = self.rt
+        j = rt.journal.journal
+        session = await rt.journal(j.seal, job.session.id)
+        data = await rt.journal(_session_objects, j, session, rt.config.dock.id)
+        loop = asyncio.get_running_loop()
+        for name, body in data:  # manifest.json is the last item
+            key = keys.sidecar_key(session.camera, session.id, name)
+            digest = hashlib.sha256(body).hexdigest()
+            await loop.run_in_executor(rt.upload_pool, rt.store.put_bytes, key, body, digest)
+            await loop.run_in_executor(rt.upload_pool, rt.store.verify, key, digest, len(body))
+        manifest_key = keys.sidecar_key(session.camera, session.id, keys.MANIFEST)
+        manifest_sha = hashlib.sha256(data[-1][1]).hexdigest()
+        await rt.journal(j.session_uploaded, session.id, manifest_key, manifest_sha)
+        await asyncio.to_thread(_release_staging, rt.staging / session.id)
+        await rt.journal(j.staging_released, session.id)
+        rt.space_freed.set()
+        c = self._counters.pop(session.id, None)
+        self.rt.bus.publish(
+            CameraStatus(
+                session.camera,
+                "uploaded",
+                session.id,
+                c.files_total if c else 0,
+                c.files_total if c else 0,
+                c.bytes_total if c else 0,
+                c.bytes_total if c else 0,
+                True,
+            )
+        )
+        self.rt.bus.publish(
+            Notice("session_uploaded", session.camera, session.id, {"manifest": manifest_key})
+        )
+        self._log.info("session_uploaded", camera=session.camera, session_id=session.id)
+        uploaded = await rt.journal(j.session, session.id)
+        if self._on_uploaded is not None and uploaded is not None:
+            await self._on_uploaded(uploaded)
+
+
+def backoff(attempt: int, initial: float, cap: float) -> float:
+    """Exponential backoff with full jitter: spreads retries of many workers after an outage."""
+    return random.uniform(0, min(cap, initial * 2 ** min(attempt - 1, 30)))
+
+
+def _release(claims: Claims, job: Job) -> None:
+    if isinstance(job, FileJob):
+        claims.files.pop(job.file.id, None)
+    else:
+        claims.sealing.discard(job.session.id)
+
+
+def _session_objects(j: Journal, session: SessionRow, dock_id: str) -> list[tuple[str, bytes]]:
+    """The sidecars and manifest of a sealed session, rebuilt byte-identically every time."""
+    files = j.session_files(session.id)
+    stored = [f for f in files if f.state in (FileState.STORED, FileState.CLEARED)]
+    sums_body = sums.render((f.sha256 or "", f.path) for f in stored)
+    records = [
+        r
+        for r in j.custody_records(session.id)
+        if session.custody_last_seq is None or r.seq <= session.custody_last_seq
+    ]
+    custody_body = "".join(r.to_json() + "\n" for r in records).encode()
+    sidecars = [(keys.SUMS, sums_body), (keys.CUSTODY, custody_body)]
+    m = manifest.build(
+        session=session,
+        dock_id=dock_id,
+        files=files,
+        skipped=j.session_skipped(session.id),
+        sidecars=[(n, len(b), hashlib.sha256(b).hexdigest()) for n, b in sidecars],
+        custody=summarize(records),
+    )
+    return [*sidecars, (keys.MANIFEST, manifest.dumps(m))]
+
+
+def _release_staging(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+        fsync_dir(path.parent)

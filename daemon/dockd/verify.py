@@ -1,0 +1,164 @@
+"""`dockd verify`: re-read evidence from the store and check it against the manifests.
+
+Works from the store alone: sessions are found by their manifests, every object is re-read
+and hashed, the custody slice in `custody.jsonl` is checked on its own and against the
+manifest. When this dock's journal is at hand, its whole custody chain is checked too, and each
+session's records in the store must be the journal's own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from dockd.custody import CustodyRecord, SliceSummary, check_chain, check_slice
+from dockd.errors import CustodyError, JournalError, StoreError
+from dockd.evidence import keys, sums
+from dockd.evidence.manifest import FORMAT
+from dockd.journal.db import Db
+from dockd.store.base import Store
+
+CHUNK = 4 * 1024 * 1024
+
+
+@dataclass
+class SessionReport:
+    session_id: str
+    camera: str = ""
+    files: int = 0
+    bytes: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "camera": self.camera,
+            "files": self.files,
+            "bytes": self.bytes,
+            "result": "ok" if self.ok else "FAILED",
+            "problems": self.problems,
+        }
+
+
+def manifest_key_for(session_id: str) -> str:
+    """`<camera>/<session_id>/manifest.json`: the camera is the middle of the session id."""
+    head, _, _suffix = session_id.rpartition("-")
+    _stamp, _, camera = head.partition("-")
+    if not camera:
+        raise StoreError(f"{session_id!r}: not a session id")
+    return keys.sidecar_key(camera, session_id, keys.MANIFEST)
+
+
+def _hash_object(store: Store, key: str) -> tuple[str, int]:
+    h = hashlib.sha256()
+    n = 0
+    with store.open(key) as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+    return h.hexdigest(), n
+
+
+def _read(store: Store, key: str) -> bytes:
+    with store.open(key) as f:
+        return f.read()
+
+
+def verify_session(store: Store, manifest_key: str, journal: Db | None = None) -> SessionReport:
+    session_id = manifest_key.split("/")[-2] if "/" in manifest_key else manifest_key
+    report = SessionReport(session_id)
+    try:
+        raw = _read(store, manifest_key)
+    except StoreError as exc:
+        report.problems.append(f"manifest missing: {exc}")
+        return report
+    try:
+        m = json.loads(raw)
+    except ValueError as exc:
+        report.problems.append(f"manifest is not JSON: {exc}")
+        return report
+    if m.get("format") != FORMAT:
+        report.problems.append(f"manifest format {m.get('format')!r}, expected {FORMAT!r}")
+        return report
+    report.camera = m["camera"]["id"]
+    prefix = manifest_key.rsplit("/", 1)[0]
+    verified = [f for f in m["files"] if f["status"] == "verified"]
+    for f in verified:
+        report.files += 1
+        report.bytes += f["size"]
+        report.problems.extend(_check_object(store, f["key"], f["size"], f["sha256"]))
+    sidecars: dict[str, bytes] = {}
+    for sc in m.get("sidecars", []):
+        key = f"{prefix}/{sc['name']}"
+        problems = _check_object(store, key, sc["size"], sc["sha256"])
+        report.problems.extend(problems)
+        if not problems:
+            sidecars[sc["name"]] = _read(store, key)
+    if keys.SUMS in sidecars:
+        expected = sums.render((f["sha256"], f["path"]) for f in verified)
+        if sidecars[keys.SUMS] != expected:
+            report.problems.append("SHA256SUMS does not list exactly the manifest's files")
+    if keys.CUSTODY in sidecars:
+        report.problems.extend(_check_custody(sidecars[keys.CUSTODY], m, session_id, journal))
+    else:
+        report.problems.append("custody.jsonl is not among the manifest's sidecars")
+    return report
+
+
+def _check_object(store: Store, key: str, size: int, sha256: str) -> list[str]:
+    try:
+        got, n = _hash_object(store, key)
+    except StoreError:
+        return [f"{key}: missing from the store"]
+    except OSError as exc:
+        return [f"{key}: unreadable ({exc.strerror})"]
+    if n != size:
+        return [f"{key}: {n} bytes, manifest says {size}"]
+    if not hmac.compare_digest(got, sha256):
+        return [f"{key}: content does not match its SHA-256 (altered)"]
+    return []
+
+
+def _check_custody(
+    body: bytes, m: dict[str, Any], session_id: str, journal: Db | None
+) -> list[str]:
+    try:
+        records = [CustodyRecord.from_json(line) for line in body.decode().splitlines() if line]
+        summary = SliceSummary(**m["custody"])
+        check_slice(records, session_id, summary)
+    except (CustodyError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        return [f"custody: {exc}"]
+    if journal is not None:
+        mine = {r.seq: r.hash for r in journal.custody_records(session_id)}
+        if mine and any(mine.get(r.seq) != r.hash for r in records):
+            return ["custody: the store's records differ from this dock's journal"]
+    return []
+
+
+def check_journal_chain(journal: Db) -> list[str]:
+    try:
+        check_chain(journal.custody_records())
+    except CustodyError as exc:
+        return [f"journal custody chain: {exc}"]
+    except JournalError as exc:
+        return [f"journal: {exc}"]
+    return []
+
+
+def verify(
+    store: Store, sessions: Iterable[str] = (), journal: Db | None = None
+) -> Iterator[SessionReport]:
+    wanted = list(sessions)
+    manifest_keys: Iterable[str] = (
+        [manifest_key_for(s) for s in wanted] if wanted else store.manifests()
+    )
+    for key in manifest_keys:
+        yield verify_session(store, key, journal)
