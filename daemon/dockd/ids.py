@@ -20,7 +20,7 @@ def camera_id(raw: str) -> CameraId | None:
 
     "." and ".." match the character class but are path components, never ids.
     """
-    if not CAMERA_ID_RE.match(raw) or raw in {".", ".."}:
+    if not CAMERA_ID_RE.fullmatch(raw) or raw in {".", ".."}:
         return None
     return CameraId(raw)
 
