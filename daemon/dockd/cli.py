@@ -81,9 +81,10 @@ def cmd_run(config: Config, args: argparse.Namespace) -> int:
     from dockd.observers.log import setup
 
     setup(config.log.level)
+    daemon = Daemon(config, config_file=config_path(args.config))
+    daemon.preflight()  # ConfigError here exits 78 before anything starts
 
     async def _main() -> int:
-        daemon = Daemon(config)
         daemon.install_signal_handlers()
         return await daemon.run()
 

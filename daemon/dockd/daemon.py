@@ -20,8 +20,8 @@ from pathlib import Path
 
 from dockd import __version__
 from dockd.clear import clear_session
-from dockd.config import Config
-from dockd.errors import DockdError, SourceError
+from dockd.config import Config, load_config
+from dockd.errors import ConfigError, DockdError, SourceError
 from dockd.events import CameraStatus, EventBus, Notice
 from dockd.ids import CameraId, camera_id
 from dockd.journal import Journal, SessionRow
@@ -43,14 +43,26 @@ class DaemonFailed(DockdError):
     """A supervised task kept crashing; the daemon stopped rather than run without it."""
 
 
+# Sections a SIGHUP applies to a running daemon; the rest needs a restart.
+LIVE_SECTIONS = ("log", "cameras", "camera")
+
+
 def build_store(config: Config) -> Store:
     if config.store.kind == "filesystem":
         assert config.store.path is not None
         return FilesystemStore(config.store.path)
-    raise DockdError(f"store.kind {config.store.kind!r}: not available in this build")
+    raise ConfigError(
+        f'store.kind: "{config.store.kind}" is not built into dockd {__version__} yet '
+        '(expected "filesystem")'
+    )
 
 
 def build_sources(config: Config) -> list[Source]:
+    if config.sources.udev.enabled:
+        raise ConfigError(
+            f"sources.udev.enabled: true, but the USB source is not built into dockd "
+            f"{__version__} yet (use sources.directory)"
+        )
     sources: list[Source] = []
     if config.sources.directory.enabled:
         sources.append(DirectorySource(config.sources.directory.path))
@@ -58,8 +70,11 @@ def build_sources(config: Config) -> list[Source]:
 
 
 class Daemon:
-    def __init__(self, config: Config, *, bus: EventBus | None = None) -> None:
+    def __init__(
+        self, config: Config, *, bus: EventBus | None = None, config_file: Path | None = None
+    ) -> None:
         self.config = config
+        self.config_file = config_file
         self.bus = bus or EventBus()
         self.log = get_log(dock_id=config.dock.id)
         self.stopping = asyncio.Event()
@@ -140,6 +155,45 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def preflight(self) -> None:
+        """Refuse, before anything starts, what this build cannot do (exit 78)."""
+        build_store(self.config)
+        build_sources(self.config)
+        if self.config.mqtt.enabled:
+            self.log.warning(
+                "mqtt_not_built",
+                note="mqtt.enabled is true, but the MQTT observer is not built into this "
+                "version yet; status is in the logs and `dockd status`",
+            )
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration; apply what can be applied live, keep the old
+        configuration if the new one is bad, and say what needs a restart."""
+        if self.config_file is None:
+            self.log.warning("reload_ignored", reason="no configuration file")
+            return
+        try:
+            new = load_config(self.config_file)
+        except ConfigError as exc:
+            self.log.error("reload_refused", error=str(exc), keeping="the running configuration")
+            return
+        old = self.config
+        live = {k: getattr(new, k) for k in LIVE_SECTIONS if getattr(new, k) != getattr(old, k)}
+        restart = [
+            k
+            for k in type(old).model_fields
+            if k not in LIVE_SECTIONS and getattr(new, k) != getattr(old, k)
+        ]
+        self.config = old.model_copy(update=live)
+        if self.rt is not None:
+            self.rt.config = self.config
+        if "log" in live:
+            from dockd.observers.log import setup
+
+            setup(self.config.log.level)
+        self.log.info("config_reloaded", applied=sorted(live), needs_restart=restart)
 
     async def _recover(self, rt: Runtime, store: Store) -> None:
         j = rt.journal.journal

@@ -3,8 +3,9 @@
 Runs whole in one worker thread (one hop per file); the event loop only schedules and records.
 The steps, and why each is there:
 
-1. open the source with O_NOFOLLOW and check it is still a regular file (the walk saw it, but
-   camera content is untrusted and a directory source can change under us);
+1. open the source with O_NOFOLLOW (and O_NONBLOCK, so a FIFO swapped in cannot hang the open)
+   and check it is still a regular file (the walk saw it, but camera content is untrusted and a
+   directory source can change under us);
 2. read chunk by chunk into one reused buffer, hash, write to `<id>.partial` (O_EXCL, 0600);
 3. fstat the source again: a size or mtime that moved means the copy is of a moving target;
 4. fsync the data, then rename to the final name and fsync the directory, so the final name never
@@ -136,20 +137,39 @@ def _copy(
 
 
 def _open_source(job: CopyJob, cancel: threading.Event) -> int:
+    # O_NONBLOCK: a FIFO put where the file was must not hang the open waiting for a writer. It
+    # changes nothing for a regular file and is cleared once the source is known to be one.
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     try:
-        fd = os.open(job.source, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY)
+        fd = os.open(job.source, flags)
     except OSError as exc:
-        if cancel.is_set() or exc.errno in _GONE:
+        if cancel.is_set():
             raise CameraGone(f"{job.source!r}: camera gone ({exc.strerror})") from exc
         if exc.errno == errno.ELOOP:
             raise SourceChanged(f"{job.source!r}: became a symlink") from exc
         if exc.errno == errno.ENOENT:
             raise SourceChanged(f"{job.source!r}: disappeared") from exc
+        if _not_regular(job.source):  # a socket (ENXIO) or a device node (nodev: EACCES)
+            raise SourceChanged(f"{job.source!r}: is no longer a regular file") from exc
+        if exc.errno in _GONE:
+            raise CameraGone(f"{job.source!r}: camera gone ({exc.strerror})") from exc
         raise ReadFailed(f"{job.source!r}: cannot open ({exc.strerror})") from exc
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceChanged(f"{job.source!r}: is no longer a regular file")
+        os.set_blocking(fd, True)
+    except BaseException:
         os.close(fd)
-        raise SourceChanged(f"{job.source!r}: is no longer a regular file")
+        raise
     return fd
+
+
+def _not_regular(path: bytes) -> bool:
+    """True when `path` is there but is not a regular file (False when it cannot be seen)."""
+    try:
+        return not stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 def _check_unchanged(job: CopyJob, st: os.stat_result) -> None:

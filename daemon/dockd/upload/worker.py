@@ -163,6 +163,9 @@ class Uploader:
         assert f.sha256 is not None
         key = keys.file_key(s.camera, s.id, f.path)
         src = staged_path(rt.staging, s.id, f.id)
+        if not await asyncio.to_thread(src.is_file):
+            # not the store's fault: never let it read as "store unreachable" and spin
+            raise PermanentUploadError(f"{f.path}: staged copy {src} is missing")
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(rt.upload_pool, rt.store.put_file, key, src, f.sha256, f.size)
         method = await loop.run_in_executor(rt.upload_pool, rt.store.verify, key, f.sha256, f.size)
