@@ -114,7 +114,8 @@ class Subscription:
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         while True:
-            await self._wake.wait()
+            if not self._closed:
+                await self._wake.wait()
             batch = self.drain()
             for event in batch:
                 yield event
