@@ -27,6 +27,7 @@ from pydantic import (
 
 from dockd.errors import ConfigError
 from dockd.ids import CAMERA_ID_RE, DOCK_ID_RE, camera_id
+from dockd.offload.walk import glob_regex
 from dockd.units import parse_duration, parse_rate, parse_size
 
 DEFAULT_CONFIG_PATH = Path("/etc/dockd/dockd.toml")
@@ -172,6 +173,10 @@ class OffloadConfig(_Section):
         for pattern in v:
             if pattern.startswith("/") or not pattern:
                 raise ValueError(f"has {pattern!r}: globs are relative to the camera root")
+            try:
+                glob_regex(pattern)
+            except re.error as exc:
+                raise ValueError(f"has {pattern!r}, which is not a valid glob ({exc})") from None
         return v
 
 

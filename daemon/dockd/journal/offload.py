@@ -115,12 +115,15 @@ class OffloadJournal(Db):
                     )
                     skipped += cur.rowcount
                     continue
+                # raw_path too: a literal "a%FF" and a raw b"a\xff" share `path` but are
+                # different files on the camera
                 done = self.one(
-                    "SELECT 1 FROM files WHERE camera = ? AND path = ? AND size = ?"
-                    " AND mtime_ns = ?"
+                    "SELECT 1 FROM files WHERE camera = ? AND path = ? AND raw_path IS ?"
+                    " AND size = ? AND mtime_ns = ?"
                     " AND state IN (?,?,?) LIMIT 1",
                     session.camera,
                     e.path,
+                    e.raw_path,
                     e.size,
                     e.mtime_ns,
                     *_DONE_STATES,

@@ -72,16 +72,21 @@ def copy_file(job: CopyJob, buf: bytearray, progress: Progress, cancel: threadin
     """Copy, hash, fsync, rename, read back. Raises CameraGone, SourceChanged, ReadFailed,
     StagingFull or IntegrityError; on any of them no file is left under the final name."""
     partial = job.staged.with_name(job.staged.name + ".partial")
+    _unlink_quietly(partial)  # left by an earlier attempt or a crash: never evidence
     try:
         digest = _copy(job, partial, buf, progress, cancel)
         os.rename(partial, job.staged)
     except BaseException:
         _unlink_quietly(partial)
         raise
-    fsync_dir(job.staged.parent)
-    if job.before_readback is not None:
-        job.before_readback(job.staged)
-    back = hash_file(job.staged, buf, drop_cache=True)
+    try:
+        fsync_dir(job.staged.parent)
+        if job.before_readback is not None:
+            job.before_readback(job.staged)
+        back = hash_file(job.staged, buf, drop_cache=True)
+    except BaseException:
+        _unlink_quietly(job.staged)  # unverified: must not stay under the final name
+        raise
     if not hmac.compare_digest(back, digest):
         _unlink_quietly(job.staged)
         raise IntegrityError(

@@ -55,7 +55,8 @@ class CameraSession:
         self.rt = rt
         self.docked = docked
         self.camera = camera
-        self.cancel = threading.Event()
+        self.cancel = threading.Event()  # seen by the copy thread at every chunk
+        self._cancelled = asyncio.Event()  # the same, for waits on the loop
         self.session_id: SessionId | None = None
         self.state: SessionState | None = None
         self._progress = Progress()
@@ -68,12 +69,14 @@ class CameraSession:
 
     def undock(self) -> None:
         self.cancel.set()
+        self._cancelled.set()
 
     def park(self) -> None:
         """Daemon shutdown: stop after the chunk in hand and leave the session offloading in the
         journal, so the next start resumes it if the camera is still docked."""
         self._parking = True
         self.cancel.set()
+        self._cancelled.set()
 
     async def run(self) -> SessionState:
         rt = self.rt
@@ -255,8 +258,15 @@ class CameraSession:
             )
             self._status("docked", error="waiting for staging space")
             rt.space_freed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rt.space_freed.wait(), SPACE_POLL_SECONDS)
+            waits = [
+                asyncio.create_task(rt.space_freed.wait()),
+                asyncio.create_task(self._cancelled.wait()),
+            ]
+            _, pending = await asyncio.wait(
+                waits, timeout=SPACE_POLL_SECONDS, return_when=asyncio.FIRST_COMPLETED
+            )
+            for t in pending:
+                t.cancel()
             if self.cancel.is_set():
                 raise CameraGone("camera undocked while waiting for staging space")
             full = False
