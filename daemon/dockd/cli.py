@@ -194,8 +194,8 @@ def _print_status(d: dict[str, Any]) -> None:
 
 
 def cmd_verify(config: Config, args: argparse.Namespace) -> int:
-    from dockd.daemon import build_store
     from dockd.journal.db import Db
+    from dockd.store import build_store
     from dockd.verify import check_journal_chain, verify
 
     store = build_store(config)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -22,16 +23,24 @@ from dockd import __version__
 from dockd.clear import clear_session
 from dockd.config import Config, load_config
 from dockd.errors import ConfigError, DockdError, SourceError
-from dockd.events import CameraStatus, EventBus, Notice
+from dockd.events import (
+    CameraStatus,
+    DockStatus,
+    EventBus,
+    Notice,
+    QueueFacts,
+    Subscription,
+)
 from dockd.ids import CameraId, camera_id
 from dockd.journal import Journal, SessionRow
 from dockd.journal.thread import JournalThread
+from dockd.observers import Observer, build_observers
 from dockd.observers.log import get as get_log
-from dockd.observers.log import log_events
 from dockd.offload.session import CameraSession
-from dockd.runtime import Problems, Runtime
+from dockd.runtime import Problems, Runtime, free_bytes
+from dockd.sources import build_sources
 from dockd.sources.base import Docked, Source, SourceEvent, Undocked
-from dockd.sources.directory import DirectorySource
+from dockd.store import build_store
 from dockd.store.base import Store
 from dockd.store.filesystem import FilesystemStore
 
@@ -45,28 +54,6 @@ class DaemonFailed(DockdError):
 
 # Sections a SIGHUP applies to a running daemon; the rest needs a restart.
 LIVE_SECTIONS = ("log", "cameras", "camera")
-
-
-def build_store(config: Config) -> Store:
-    if config.store.kind == "filesystem":
-        assert config.store.path is not None
-        return FilesystemStore(config.store.path)
-    raise ConfigError(
-        f'store.kind: "{config.store.kind}" is not built into dockd {__version__} yet '
-        '(expected "filesystem")'
-    )
-
-
-def build_sources(config: Config) -> list[Source]:
-    if config.sources.udev.enabled:
-        raise ConfigError(
-            f"sources.udev.enabled: true, but the USB source is not built into dockd "
-            f"{__version__} yet (use sources.directory)"
-        )
-    sources: list[Source] = []
-    if config.sources.directory.enabled:
-        sources.append(DirectorySource(config.sources.directory.path))
-    return sources
 
 
 class Daemon:
@@ -84,6 +71,7 @@ class Daemon:
         self._session_tasks: dict[CameraId, asyncio.Task[None]] = {}
         self._failure: BaseException | None = None
         self.rt: Runtime | None = None
+        self._last_status: DockStatus | None = None
 
     async def run(self) -> int:
         cfg = self.config
@@ -91,7 +79,7 @@ class Daemon:
         journal = await asyncio.to_thread(Journal.open, cfg.journal_path, cfg.dock.id)
         jt = JournalThread(journal)
         store = build_store(cfg)
-        problems = Problems(self.bus, cfg.staging_dir)
+        problems = Problems()
         rt = self.rt = Runtime(
             config=cfg,
             journal=jt,
@@ -104,10 +92,15 @@ class Daemon:
         )
         sources = build_sources(cfg)
         queue: asyncio.Queue[SourceEvent] = asyncio.Queue()
-        log_sub = self.bus.subscribe("log")
+        observers = build_observers(cfg)
+        subs = [self.bus.subscribe(o.name) for o in observers]
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(log_events(log_sub, cfg.dock.id), name="log-observer")
+                for observer, sub in zip(observers, subs, strict=True):
+                    tg.create_task(
+                        self._supervise(f"observer-{observer.name}", _observe(observer, sub)),
+                        name=f"observer-{observer.name}",
+                    )
                 await self._recover(rt, store)
                 await jt(
                     journal.custody_event,
@@ -127,6 +120,7 @@ class Daemon:
                 tg.create_task(self._supervise("status", self._status_writer))
                 self._write_status_soon()
                 self.ready.set()
+                self.bus.publish(Notice("daemon_ready", details={"version": __version__}))
                 self.log.info(
                     "daemon_ready",
                     version=__version__,
@@ -139,7 +133,8 @@ class Daemon:
         except* _Stop:
             pass
         finally:
-            self.bus.unsubscribe(log_sub)
+            for sub in subs:
+                self.bus.unsubscribe(sub)
             rt.offload_pool.shutdown(wait=True, cancel_futures=True)
             rt.upload_pool.shutdown(wait=True, cancel_futures=True)
             jt.close()
@@ -327,20 +322,48 @@ class Daemon:
             await clear_session(self.rt, session, docked.root)
 
     async def _status_writer(self) -> None:
-        """Keeps what only the daemon knows (problems, pid) in the journal for `dockd status`."""
+        """Publishes the dock summary on every change (and every 30 s, for staging space), and
+        keeps what only the daemon knows (problems, pid) in the journal for `dockd status`."""
         assert self.rt is not None
         rt = self.rt
         while True:
+            rt.problems.changed.clear()
+            summary = await rt.journal(rt.journal.journal.queue_summary)
+            prioritized = await rt.journal(rt.journal.journal.prioritized_sessions)
+            try:
+                staging_free: int | None = await asyncio.to_thread(free_bytes, rt.staging)
+            except OSError:
+                staging_free = None
+            problems = rt.problems.items
+            busy = bool(self._session_tasks) or summary.sessions > 0
+            status = DockStatus(
+                state="degraded" if problems else "busy" if busy else "idle",
+                cameras_docked=tuple(sorted(self.docked)),
+                queue=QueueFacts(
+                    summary.sessions,
+                    summary.files,
+                    summary.bytes,
+                    summary.failed,
+                    tuple(prioritized),
+                ),
+                staging_free_bytes=staging_free,
+                store_reachable=rt.problems.store_reachable,
+                problems=problems,
+                version=__version__,
+            )
+            if _differs(status, self._last_status):
+                self.bus.publish(status)
+                self._last_status = status
             await rt.journal(
                 rt.journal.journal.set_daemon_status,
                 pid=os.getpid(),
                 version=__version__,
-                problems=list(rt.problems.items),
+                state=status.state,
+                problems=list(problems),
                 store_reachable=rt.problems.store_reachable,
                 docked=sorted(self.docked),
                 offloading=sorted(self._session_tasks),
             )
-            rt.problems.changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.problems.changed.wait(), 30)
 
@@ -378,6 +401,18 @@ class Daemon:
         tasks = list(self._session_tasks.values())
         if tasks:
             await asyncio.wait(tasks, timeout=30)
+
+
+def _observe(observer: Observer, sub: Subscription) -> Callable[[], Awaitable[None]]:
+    async def run() -> None:
+        await observer.run(sub)
+
+    return run
+
+
+def _differs(a: DockStatus, b: DockStatus | None) -> bool:
+    """Everything but the timestamp."""
+    return b is None or dataclasses.replace(a, at="") != dataclasses.replace(b, at="")
 
 
 class _Stop(Exception):

@@ -29,11 +29,12 @@ from rich.progress import (
 from rich.table import Table
 
 from dockd.config import Config, parse_config
-from dockd.daemon import Daemon, build_store
+from dockd.daemon import Daemon
 from dockd.events import CameraStatus, EventBus, Notice
 from dockd.events import Progress as ProgressEvent
 from dockd.journal import Journal
 from dockd.observers.log import setup as setup_logging
+from dockd.store import build_store
 from dockd.units import format_size
 from dockd.verify import check_journal_chain, verify
 

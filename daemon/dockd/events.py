@@ -61,12 +61,25 @@ class Notice:
 
 
 @dataclass(frozen=True)
-class DockStatus:
-    """The dock summary changed: problems, store reachability, staging space."""
+class QueueFacts:
+    sessions: int = 0
+    files: int = 0
+    bytes: int = 0
+    failed: int = 0
+    prioritized: tuple[str, ...] = ()
 
-    problems: tuple[str, ...]
-    store_reachable: bool | None
+
+@dataclass(frozen=True)
+class DockStatus:
+    """The dock summary (SPEC §7 `<base>/state`), published on every change and periodically."""
+
+    state: str  # idle | busy | degraded
+    cameras_docked: tuple[str, ...]
+    queue: QueueFacts
     staging_free_bytes: int | None
+    store_reachable: bool | None
+    problems: tuple[str, ...]
+    version: str
     at: str = field(default_factory=utc_now)
 
 

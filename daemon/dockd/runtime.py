@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dockd.config import Config
-from dockd.events import DockStatus, EventBus
+from dockd.events import EventBus
 from dockd.journal.thread import JournalThread
 from dockd.store.base import Store
 
@@ -21,11 +21,12 @@ def free_bytes(path: Path) -> int:
 
 
 class Problems:
-    """Short strings an operator should see (`dockd status`, MQTT `problems`), keyed by cause."""
+    """Short strings an operator should see (`dockd status`, MQTT `problems`), keyed by cause.
 
-    def __init__(self, bus: EventBus, staging: Path) -> None:
-        self._bus = bus
-        self._staging = staging
+    A change sets `changed`; the daemon's status task then publishes the whole dock summary.
+    """
+
+    def __init__(self) -> None:
         self._items: dict[str, str] = {}
         self.store_reachable: bool | None = None
         self.changed = asyncio.Event()
@@ -53,11 +54,6 @@ class Problems:
         return tuple(self._items.values())
 
     def _publish(self) -> None:
-        try:
-            staging_free: int | None = free_bytes(self._staging)
-        except OSError:
-            staging_free = None
-        self._bus.publish(DockStatus(self.items, self.store_reachable, staging_free))
         self.changed.set()
 
 

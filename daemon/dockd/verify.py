@@ -108,8 +108,9 @@ def verify_session(store: Store, manifest_key: str, journal: Db | None = None) -
             report.problems.append("SHA256SUMS does not list exactly the manifest's files")
     if keys.CUSTODY in sidecars:
         report.problems.extend(_check_custody(sidecars[keys.CUSTODY], m, session_id, journal))
-    else:
+    elif not any(sc["name"] == keys.CUSTODY for sc in m.get("sidecars", [])):
         report.problems.append("custody.jsonl is not among the manifest's sidecars")
+    # else: listed but missing or altered, which _check_object has reported above
     return report
 
 

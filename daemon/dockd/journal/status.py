@@ -45,6 +45,15 @@ class StatusJournal(Db):
         )
         return QueueSummary(row[0], row[1], row[2], failed)
 
+    def prioritized_sessions(self) -> list[str]:
+        """Queued sessions a supervisor moved to the front, first first."""
+        rows = self.all(
+            f"SELECT id FROM sessions WHERE priority > 0 AND state IN ({_Q_MARKS})"
+            " ORDER BY priority DESC",
+            *_QUEUED,
+        )
+        return [r[0] for r in rows]
+
     def set_daemon_status(self, **facts: Any) -> None:
         """What only the running daemon knows (problems, pid), for `dockd status` to read."""
         facts["updated_at"] = utc_now()

@@ -40,8 +40,19 @@ def get(**bound: Any) -> structlog.typing.FilteringBoundLogger:
     return logger
 
 
-async def log_events(sub: Subscription, dock_id: str) -> None:
+class LogObserver:
     """Camera state changes, notices and dock status as log lines; progress stays out."""
+
+    name = "log"
+
+    def __init__(self, dock_id: str) -> None:
+        self.dock_id = dock_id
+
+    async def run(self, sub: Subscription) -> None:
+        await log_events(sub, self.dock_id)
+
+
+async def log_events(sub: Subscription, dock_id: str) -> None:
     log = get(dock_id=dock_id)
     async for event in sub:
         if isinstance(event, CameraStatus):
@@ -65,6 +76,12 @@ async def log_events(sub: Subscription, dock_id: str) -> None:
         elif isinstance(event, DockStatus):
             log.info(
                 "dock_status",
+                state=event.state,
+                cameras_docked=list(event.cameras_docked),
+                queue_sessions=event.queue.sessions,
+                queue_files=event.queue.files,
+                queue_bytes=event.queue.bytes,
+                queue_failed=event.queue.failed,
                 problems=list(event.problems),
                 store_reachable=event.store_reachable,
                 staging_free_bytes=event.staging_free_bytes,

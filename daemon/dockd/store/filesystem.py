@@ -63,12 +63,22 @@ class FilesystemStore:
             raise StoreUnavailable(f"{self.root}: store directory is not writable")
 
     def put_file(self, key: str, source: Path, sha256: str, size: int) -> None:
-        def chunks() -> Iterator[bytes]:
-            with open(source, "rb") as f:
+        self._path(key)
+        # Opened before the store's errors are classified: a staged copy that is gone is not the
+        # store being away (ENOENT there means an unmounted NAS), and no retry can bring it back.
+        try:
+            f = open(source, "rb")  # noqa: SIM115 - closed below, after the last chunk
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"{key}: staged copy {source} is missing; nothing verified to send"
+            ) from None
+        with f:
+
+            def chunks() -> Iterator[bytes]:
                 while chunk := f.read(CHUNK):
                     yield chunk
 
-        self._put(key, chunks(), sha256)
+            self._put(key, chunks(), sha256)
 
     def put_bytes(self, key: str, data: bytes, sha256: str) -> None:
         self._put(key, iter([data]), sha256)

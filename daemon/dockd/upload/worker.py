@@ -102,6 +102,7 @@ class Uploader:
                 self.rt.journal.journal.session_upload_failed, session.id, str(exc)
             )
             self._counters.pop(session.id, None)
+            self.rt.problems.changed.set()
             self.rt.bus.publish(CameraStatus(session.camera, "error", session.id, error=str(exc)))
             self.rt.bus.publish(
                 Notice("upload_failed", session.camera, session.id, {"error": str(exc)})
@@ -170,6 +171,7 @@ class Uploader:
         await loop.run_in_executor(rt.upload_pool, rt.store.put_file, key, src, f.sha256, f.size)
         method = await loop.run_in_executor(rt.upload_pool, rt.store.verify, key, f.sha256, f.size)
         await rt.journal(rt.journal.journal.file_stored, f, key, f.sha256, method)
+        rt.bus.publish(Notice("file_stored", s.camera, s.id, {"path": f.path, "size": f.size}))
 
     async def _finish_session(self, job: SealJob) -> None:
         rt = self.rt
@@ -188,6 +190,7 @@ class Uploader:
         await asyncio.to_thread(_release_staging, rt.staging / session.id)
         await rt.journal(j.staging_released, session.id)
         rt.space_freed.set()
+        rt.problems.changed.set()  # the queue shrank: the dock summary changes
         c = self._counters.pop(session.id, None)
         self.rt.bus.publish(
             CameraStatus(
