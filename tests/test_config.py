@@ -280,7 +280,8 @@ def test_durations_in_every_unit_are_read_as_seconds(
     tmp_path: Path, text: str | int, expected: float
 ) -> None:
     config = _config(
-        tmp_path, upload={"backoff_max": text, "backoff_initial": text},
+        tmp_path,
+        upload={"backoff_max": text, "backoff_initial": text},
         mqtt={"progress_interval": text},
     )
     assert config.upload.backoff_max == expected

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -74,6 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `dockd status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EX_OK
 
 
 def cmd_run(config: Config, args: argparse.Namespace) -> int:
@@ -109,13 +113,19 @@ def _open_journal(config: Config) -> Any:
 
 
 def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from dockd.journal.status import DockStatus as JournalStatus
+    from dockd.journal.status import QueueSummary
     from dockd.runtime import free_bytes
 
-    journal = _open_journal(config)
-    try:
-        st = journal.dock_status()
-    finally:
-        journal.close()
+    if config.journal_path.exists():
+        journal = _open_journal(config)
+        try:
+            st = journal.dock_status()
+        finally:
+            journal.close()
+    else:  # the daemon has never run here: that is a status, not an error
+        st = JournalStatus([], [], QueueSummary(0, 0, 0, 0), {})
+    st.daemon["running"] = _alive(st.daemon.get("pid"))
     try:
         staging_free: int | None = free_bytes(config.staging_dir)
     except OSError:
@@ -146,15 +156,28 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _print_status(d: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
     console = Console()
     daemon = d["daemon"]
+    running = f"running, pid {daemon['pid']}" if daemon.get("running") else "not running"
     console.print(
-        f"[bold]dock[/] {d['dock_id']}   daemon pid {daemon.get('pid', '-')}, "
-        f"updated {daemon.get('updated_at', 'never')}"
+        f"[bold]dock[/] {d['dock_id']}   daemon {running}, last update "
+        f"{daemon.get('updated_at', 'never')}"
     )
     free = d["staging_free_bytes"]
     console.print(
@@ -194,6 +217,7 @@ def _print_status(d: dict[str, Any]) -> None:
 
 
 def cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    from dockd.errors import StoreError
     from dockd.journal.db import Db
     from dockd.store import build_store
     from dockd.verify import check_journal_chain, verify
@@ -204,7 +228,11 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
         journal = Db.open_readonly(config.journal_path, config.dock.id)
     try:
         chain_problems = check_journal_chain(journal) if journal else []
-        reports = list(verify(store, args.sessions, journal))
+        try:
+            reports = list(verify(store, args.sessions, journal))
+        except StoreError as exc:  # the store itself is away: nothing could be checked
+            print(f"dockd: {exc}", file=sys.stderr)
+            return EX_FAIL
     finally:
         if journal is not None:
             journal.close()

@@ -18,6 +18,7 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dockd import __version__
 from dockd.clear import clear_session
@@ -41,8 +42,12 @@ from dockd.runtime import Problems, Runtime, free_bytes
 from dockd.sources import build_sources
 from dockd.sources.base import Docked, Source, SourceEvent, Undocked
 from dockd.store import build_store
+from dockd.store import start_up as store_start_up
 from dockd.store.base import Store
 from dockd.store.filesystem import FilesystemStore
+
+if TYPE_CHECKING:
+    from dockd.upload.worker import Uploader
 
 MAX_CRASHES = 5
 CRASH_WINDOW_S = 300.0
@@ -52,8 +57,9 @@ class DaemonFailed(DockdError):
     """A supervised task kept crashing; the daemon stopped rather than run without it."""
 
 
-# Sections a SIGHUP applies to a running daemon; the rest needs a restart.
-LIVE_SECTIONS = ("log", "cameras", "camera")
+# Sections a SIGHUP applies to a running daemon; the rest needs a restart. `upload`: the
+# uploader resizes its workers to `concurrency`; retries read the rest as they go.
+LIVE_SECTIONS = ("log", "cameras", "camera", "upload")
 
 
 class Daemon:
@@ -72,6 +78,7 @@ class Daemon:
         self._failure: BaseException | None = None
         self.rt: Runtime | None = None
         self._last_status: DockStatus | None = None
+        self.uploader: Uploader | None = None
 
     async def run(self) -> int:
         cfg = self.config
@@ -154,7 +161,8 @@ class Daemon:
 
     def preflight(self) -> None:
         """Refuse, before anything starts, what this build cannot do (exit 78)."""
-        build_store(self.config)
+        # a lock configured on a bucket without Object Lock: refused here, nothing written
+        store_start_up(build_store(self.config))
         build_sources(self.config)
         if self.config.mqtt.enabled:
             self.log.warning(
@@ -181,9 +189,19 @@ class Daemon:
             for k in type(old).model_fields
             if k not in LIVE_SECTIONS and getattr(new, k) != getattr(old, k)
         ]
+        if "upload" in live and new.upload.bandwidth_limit != old.upload.bandwidth_limit:
+            # the bandwidth token bucket is built with the store, once: not live (yet)
+            live["upload"] = new.upload.model_copy(
+                update={"bandwidth_limit": old.upload.bandwidth_limit}
+            )
+            restart.append("upload.bandwidth_limit")
+            if live["upload"] == old.upload:
+                del live["upload"]
         self.config = old.model_copy(update=live)
         if self.rt is not None:
             self.rt.config = self.config
+        if "upload" in live and self.uploader is not None:
+            self.uploader.resize(self.config.upload.concurrency)
         if "log" in live:
             from dockd.observers.log import setup
 
@@ -311,7 +329,8 @@ class Daemon:
         from dockd.upload.worker import Uploader
 
         async def run() -> None:
-            await Uploader(rt, self._after_upload).run()
+            self.uploader = Uploader(rt, self._after_upload)
+            await self.uploader.run()
 
         return run
 
@@ -393,6 +412,7 @@ class Daemon:
         """Stop sources, then let each camera's chunk in hand finish or park: cancelling a
         session's copy makes it discard the partial file and record the session interrupted."""
         self.log.info("daemon_stopping")
+        self.bus.publish(Notice("daemon_stopping"))  # sd_notify STOPPING=1
         for source in sources:
             with contextlib.suppress(SourceError, OSError):
                 await source.stop()

@@ -85,16 +85,45 @@ def verify_session(store: Store, manifest_key: str, journal: Db | None = None) -
     except ValueError as exc:
         report.problems.append(f"manifest is not JSON: {exc}")
         return report
+    try:
+        return _check_manifest(store, m, manifest_key, report, journal)
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        # an altered manifest is a finding to report, not a crash that stops the whole run
+        report.problems.append(f"manifest is malformed: {type(exc).__name__}: {exc}")
+        return report
+
+
+def _check_manifest(
+    store: Store, m: Any, manifest_key: str, report: SessionReport, journal: Db | None
+) -> SessionReport:
+    session_id = report.session_id
     if m.get("format") != FORMAT:
         report.problems.append(f"manifest format {m.get('format')!r}, expected {FORMAT!r}")
         return report
     report.camera = m["camera"]["id"]
     prefix = manifest_key.rsplit("/", 1)[0]
+    if m.get("session_id") != session_id or prefix != keys.session_prefix(
+        report.camera, session_id
+    ):
+        report.problems.append(
+            f"manifest names session {m.get('session_id')!r} of camera "
+            f"{report.camera!r} but sits at {prefix!r}"
+        )
     verified = [f for f in m["files"] if f["status"] == "verified"]
     for f in verified:
         report.files += 1
         report.bytes += f["size"]
+        expected_key = keys.file_key(report.camera, session_id, f["path"])
+        if f["key"] != expected_key:
+            # a key pointing elsewhere could make one stored object vouch for another file
+            report.problems.append(f"{f['path']}: key {f['key']!r}, expected {expected_key!r}")
         report.problems.extend(_check_object(store, f["key"], f["size"], f["sha256"]))
+    if journal is not None:
+        recorded = journal.scalar("SELECT manifest_sha256 FROM sessions WHERE id = ?", session_id)
+        if recorded is not None:
+            got = hashlib.sha256(_read(store, manifest_key)).hexdigest()
+            if not hmac.compare_digest(got, recorded):
+                report.problems.append("manifest differs from the one this dock wrote (journal)")
     sidecars: dict[str, bytes] = {}
     for sc in m.get("sidecars", []):
         key = f"{prefix}/{sc['name']}"

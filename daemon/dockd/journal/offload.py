@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from dockd.errors import JournalError
 from dockd.ids import CameraId, SessionId, new_session_id, utc_now
 from dockd.journal.db import Db
 from dockd.journal.rows import FileRow, SessionRow, SkippedRow
@@ -259,7 +260,8 @@ class OffloadJournal(Db):
         """Close the offload; files not verified by now are abandoned (a re-dock picks them up)."""
         with self.tx():
             row = self.one("SELECT state FROM sessions WHERE id = ?", session_id)
-            assert row is not None
+            if row is None:
+                raise JournalError(f"session {session_id}: unknown")
             old = SessionState(row["state"])
             if old != SessionState.OFFLOADING:
                 return old  # already finished: finishing is idempotent
@@ -274,7 +276,16 @@ class OffloadJournal(Db):
                 FileState.FAILED,
                 FileState.UNSTABLE,
             )
-            if interrupted or pending:
+            taken = self.scalar(
+                "SELECT count(*) FROM files WHERE session_id = ? AND state != ?",
+                session_id,
+                FileState.PENDING,
+            )
+            if not taken:
+                # a docking that found nothing new, or was undocked before any copy: the
+                # custody records tell of it; an empty folder in the store would be clutter
+                new = SessionState.EMPTY
+            elif interrupted or pending:
                 new = SessionState.INTERRUPTED
             elif bad:
                 new = SessionState.OFFLOADED_WITH_ERRORS

@@ -52,6 +52,7 @@ class SessionState(StrEnum):
     UPLOADED = "uploaded"  # manifest in the store: the session is complete there
     UPLOAD_FAILED = "upload_failed"  # a store conflict or max_attempts: needs a person
     CLEARED = "cleared"  # stored files removed from the camera
+    EMPTY = "empty"  # nothing offloaded (nothing new, or undocked first): nothing to upload
 
 
 QUEUED_STATES = frozenset(
@@ -65,7 +66,12 @@ QUEUED_STATES = frozenset(
 
 SESSION_TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
     SessionState.OFFLOADING: frozenset(
-        {SessionState.OFFLOADED, SessionState.OFFLOADED_WITH_ERRORS, SessionState.INTERRUPTED}
+        {
+            SessionState.OFFLOADED,
+            SessionState.OFFLOADED_WITH_ERRORS,
+            SessionState.INTERRUPTED,
+            SessionState.EMPTY,
+        }
     ),
     SessionState.OFFLOADED: frozenset({SessionState.SEALED, SessionState.UPLOAD_FAILED}),
     SessionState.OFFLOADED_WITH_ERRORS: frozenset(
@@ -76,6 +82,7 @@ SESSION_TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
     SessionState.UPLOADED: frozenset({SessionState.CLEARED}),
     SessionState.UPLOAD_FAILED: frozenset(),
     SessionState.CLEARED: frozenset(),
+    SessionState.EMPTY: frozenset(),
 }
 
 

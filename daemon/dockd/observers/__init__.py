@@ -24,4 +24,15 @@ def build_observers(config: Config) -> list[Observer]:
     from dockd.observers.log import LogObserver
 
     observers: list[Observer] = [LogObserver(config.dock.id)]
+    if config.mqtt.enabled:
+        from dockd.observers.mqtt import MqttObserver
+
+        observers.append(MqttObserver(config))
+    from dockd.observers.notify import NotifyObserver
+
+    observers.append(NotifyObserver())  # a no-op without $NOTIFY_SOCKET
+    if config.metrics.enabled:
+        from dockd.observers.metrics import MetricsObserver
+
+        observers.append(MetricsObserver(config))
     return observers

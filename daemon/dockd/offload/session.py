@@ -107,7 +107,7 @@ class CameraSession:
             return SessionState.OFFLOADING
         interrupted = interrupted or self.cancel.is_set()
         self.state = await rt.journal(rt.journal.journal.finish_offload, session.id, interrupted)
-        await self._announce_end()
+        await self._announce_end(interrupted)
         rt.upload_wakeup.set()
         return self.state
 
@@ -244,6 +244,13 @@ class CameraSession:
 
     async def _wait_for_space(self, full: bool = False) -> None:
         """Hold the offload while staging is below `min_free_staging` (or full), telling why."""
+        try:
+            await self._wait_for_space_loop(full)
+        finally:
+            # the problem is re-raised within a poll by any other session still waiting
+            self.rt.problems.clear("staging")
+
+    async def _wait_for_space_loop(self, full: bool) -> None:
         rt = self.rt
         need = rt.config.offload.min_free_staging
         while True:
@@ -306,9 +313,9 @@ class CameraSession:
             )
         )
 
-    async def _announce_end(self) -> None:
+    async def _announce_end(self, interrupted: bool) -> None:
         state = self.state
-        if state == SessionState.INTERRUPTED:
+        if interrupted:
             self._status("undocked", error="undocked before the offload finished")
             return
         assert self.session_id is not None

@@ -21,6 +21,7 @@ from typing import BinaryIO
 from dockd.errors import IntegrityError, StoreConflict, StoreError, StoreUnavailable
 from dockd.offload.copy import fsync_dir
 from dockd.store.base import ObjectInfo
+from dockd.upload.throttle import TokenBucket
 
 CHUNK = 4 * 1024 * 1024
 OBJECT_MODE = 0o440
@@ -46,9 +47,10 @@ _AWAY = frozenset(
 
 
 class FilesystemStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, throttle: TokenBucket | None = None) -> None:
         self.root = root
         self.name = f"filesystem:{root}"
+        self.throttle = throttle  # upload.bandwidth_limit, shared with the other workers
 
     def _path(self, key: str) -> Path:
         parts = key.split("/")
@@ -96,6 +98,8 @@ class FilesystemStore:
                 h = hashlib.sha256()
                 try:
                     for chunk in chunks:
+                        if self.throttle is not None:
+                            self.throttle.take(len(chunk))
                         h.update(chunk)
                         view = memoryview(chunk)
                         while view:

@@ -14,6 +14,7 @@ import hashlib
 import random
 import shutil
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,10 @@ class PermanentUploadError(Exception):
     """Retrying cannot help (conflict, integrity); the session needs a person."""
 
 
+class _HandBack(Exception):
+    """A worker retired by `resize` gives its job back between two attempts."""
+
+
 @dataclass
 class _Counters:
     files_total: int
@@ -51,26 +56,68 @@ class Uploader:
         self._on_uploaded = on_uploaded
         self._counters: dict[str, _Counters] = {}
         self._log = get_log(dock_id=rt.config.dock.id)
+        self._target = 0  # workers wanted
+        self._workers: dict[int, asyncio.Task[None]] = {}
+        self._group: asyncio.TaskGroup | None = None
+        self._pool_size = 0
+
+    @property
+    def workers(self) -> int:
+        """Workers running now (those past a shrink included, until their job is done)."""
+        return len(self._workers)
 
     async def run(self) -> None:
-        """Run `upload.concurrency` workers until cancelled."""
-        async with asyncio.TaskGroup() as tg:
-            for n in range(self.rt.config.upload.concurrency):
-                tg.create_task(self._worker(n), name=f"upload-worker-{n}")
+        """Run `upload.concurrency` workers until cancelled; `resize` changes how many."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                self.resize(self.rt.config.upload.concurrency)
+        finally:
+            self._group = None
+            self._workers.clear()
+
+    def resize(self, n: int) -> None:
+        """Run `n` workers from now on (SIGHUP with a new `upload.concurrency`). More: started
+        at once, with a thread pool big enough for them. Fewer: a worker past `n` finishes the
+        job in hand, or gives it back between two attempts, then ends; no claimed job is dropped
+        (a claim is only memory: a job given back is found again by the next `next_job`)."""
+        was, self._target = self._target, n
+        if n > self._pool_size:
+            old, self.rt.upload_pool = self.rt.upload_pool, ThreadPoolExecutor(n, "upload")
+            old.shutdown(wait=False)  # its threads end after the call each has in hand
+            self._pool_size = n
+        if self._group is not None:
+            for i in range(n):
+                if i not in self._workers:  # one retiring but not yet gone just carries on
+                    task = self._group.create_task(self._worker(i), name=f"upload-worker-{i}")
+                    self._workers[i] = task
+        self.rt.upload_wakeup.set()  # idle workers past n see the new size and end
+        if was and was != n:
+            self._log.info("upload_workers_resized", workers=n, was=was)
+
+    def _retiring(self) -> bool:
+        me = asyncio.current_task()
+        return any(t is me for i, t in self._workers.items() if i >= self._target)
 
     async def _worker(self, n: int) -> None:
         rt = self.rt
-        while True:
-            rt.upload_wakeup.clear()
-            job = await rt.journal(next_job, rt.journal.journal, self.claims)
-            if job is None:
-                await rt.upload_wakeup.wait()
-                continue
-            try:
-                await self._run_job(job)
-            finally:
-                await rt.journal(_release, self.claims, job)
-                rt.upload_wakeup.set()  # a finished file may make its session ready to seal
+        try:
+            while n < self._target:
+                rt.upload_wakeup.clear()
+                job = await rt.journal(next_job, rt.journal.journal, self.claims)
+                if job is None:
+                    await rt.upload_wakeup.wait()
+                    continue
+                try:
+                    await self._run_job(job)
+                except _HandBack:
+                    pass  # released below; another worker takes it up
+                finally:
+                    await rt.journal(_release, self.claims, job)
+                    rt.upload_wakeup.set()  # a finished file may make its session ready to seal
+        finally:
+            if self._workers.get(n) is asyncio.current_task():
+                del self._workers[n]
 
     async def _run_job(self, job: Job) -> None:
         session = job.session
@@ -148,6 +195,8 @@ class Uploader:
                     raise PermanentUploadError(
                         f"{what}: gave up after {tries} attempts: {exc}"
                     ) from exc
+                if self._retiring():
+                    raise _HandBack(what) from exc
                 delay = backoff(tries, cfg.backoff_initial, cfg.backoff_max)
                 self._log.warning(
                     "store_unreachable",
@@ -207,7 +256,6 @@ class Uploader:
         self.rt.bus.publish(
             Notice("session_uploaded", session.camera, session.id, {"manifest": manifest_key})
         )
-        self._log.info("session_uploaded", camera=session.camera, session_id=session.id)
         uploaded = await rt.journal(j.session, session.id)
         if self._on_uploaded is not None and uploaded is not None:
             await self._on_uploaded(uploaded)

@@ -1,0 +1,781 @@
+"""The S3 store: evidence objects in a bucket (AWS S3, MinIO, Ceph RGW, SeaweedFS …).
+
+boto3 in worker threads, not aiobotocore: the Store protocol is blocking and already runs in
+the upload pool's threads, one hop per object as for the filesystem store; a boto3 client is
+thread-safe and shared by every worker; boto3/botocore is the reference client, while
+aiobotocore pins an exact botocore release and would put the part loop, the reads of staging
+and the bandwidth throttle on the event loop, which stays free of bulk I/O (STYLE).
+
+What this backend promises, and how:
+- Whole or nothing: one PutObject, or a multipart upload completed only after every part is in.
+- The server checks our SHA-256. A PutObject carries `ChecksumSHA256` (the journal's digest of
+  the staged copy), so a body that is not what the journal says is refused (BadDigest) and
+  never stored. Above `multipart_threshold`, each part carries its own SHA-256, the whole
+  file's SHA-256 is computed while the parts are read and must be the journal's before the
+  upload is completed, and the COMPOSITE checksum the server reports (SHA-256 of the part
+  digests, "-N") must be the one computed from our parts. Memory is one part per worker.
+- Never over an existing object: `IfNoneMatch="*"` on PutObject and CompleteMultipartUpload.
+  A 412 means the key is taken; the object there is compared with ours (its checksum, else a
+  read-back): the same bytes are success (a retry after a crash), other bytes StoreConflict.
+- verify: `store.verify = "checksum"` compares the size and SHA-256 the server reports
+  (HeadObject with ChecksumMode); a COMPOSITE checksum is compared with the one computed from
+  our own parts, and where that is not known (a restart between put and verify) or the server
+  reports none, the object is read back in full. `"readback"` always reads it back.
+- Object Lock (`object_lock_mode` + `object_lock_days`): every object, the manifest included,
+  is put with its mode and retain-until date. `start_up` refuses a lock on a bucket without
+  Object Lock (ConfigError naming store.object_lock_mode, exit 78) before anything is written.
+- Retries: botocore's "standard" mode, bounded (MAX_ATTEMPTS), rides out one request's blips
+  (connection reset, 5xx, throttling); the durable queue in upload/worker.py is the outer retry,
+  with backoff, for as long as `upload.max_attempts` says. Errors are sorted for it: away
+  (connection, 5xx, throttling, refused credentials) → StoreUnavailable, retried; key taken by
+  other bytes → StoreConflict, staging not what the journal says → IntegrityError, never retried.
+- No orphaned parts: before a multipart upload of a key, unfinished uploads of that same key
+  (ours, from an attempt a crash or an outage cut short) are aborted, and a failed attempt
+  aborts its own; `start_up` aborts uploads under the prefix older than STALE_UPLOAD_S.
+- Secrets: the secret key is read from its file into the boto3 session and kept nowhere else;
+  nothing here logs or formats the session, the client or the credentials.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import hashlib
+import hmac
+import io
+import re
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import boto3
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionError,
+    CredentialRetrievalError,
+    HTTPClientError,
+    IncompleteReadError,
+    NoCredentialsError,
+    PartialCredentialsError,
+)
+
+from dockd import __version__
+from dockd.config import StoreConfig
+from dockd.errors import ConfigError, IntegrityError, StoreConflict, StoreError, StoreUnavailable
+from dockd.observers.log import get as get_log
+from dockd.store.base import ObjectInfo
+from dockd.upload.throttle import TokenBucket
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+MULTIPART_THRESHOLD = 64 * 1024**2
+PART_SIZE = 16 * 1024**2
+MIN_PART_SIZE = 5 * 1024**2  # S3's floor for every part but the last
+MAX_PARTS = 10_000
+CHUNK = 4 * 1024 * 1024
+# Attempts per request inside botocore (the first included). Few on purpose: an outage longer
+# than a few seconds is the upload queue's to wait out, with the store shown unreachable.
+MAX_ATTEMPTS = 5
+STALE_UPLOAD_S = 24 * 3600.0
+_MANIFEST_RE = re.compile(r"[^/]+/[^/]+/manifest\.json")
+
+# Codes that mean "wait and try again", whatever their HTTP status.
+_AWAY_CODES = frozenset(
+    {
+        "SlowDown",
+        "Throttling",
+        "ThrottlingException",
+        "RequestThrottled",
+        "RequestLimitExceeded",
+        "TooManyRequestsException",
+        "RequestTimeout",
+        "RequestTimeTooSkewed",
+        "InternalError",
+        "ServiceUnavailable",
+        "NoSuchBucket",
+    }
+)
+# Refused credentials are "away" too: a person can fix the key or the bucket policy, and the
+# staged evidence must wait in the queue for that rather than be marked failed.
+_CREDENTIAL_CODES = frozenset(
+    {
+        "AccessDenied",
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "ExpiredToken",
+        "InvalidToken",
+        "TokenRefreshRequired",
+        "AllAccessDisabled",
+    }
+)
+
+
+def _b64(digest: bytes) -> str:
+    return base64.b64encode(digest).decode("ascii")
+
+
+def _code(exc: ClientError) -> tuple[str, int]:
+    err = exc.response.get("Error", {})
+    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+    return str(err.get("Code", "")), status
+
+
+def _classify(exc: BotoCoreError | ClientError, what: str) -> StoreError:
+    """The store error the upload worker acts on (module docstring: what is retried)."""
+    if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
+        return StoreUnavailable(
+            f"{what}: no S3 credentials ({type(exc).__name__}): set store.access_key_id and "
+            "store.secret_access_key_file, or provide the standard AWS credential chain"
+        )
+    if isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError):
+        return StoreUnavailable(f"{what}: store unreachable ({exc})")
+    if isinstance(exc, BotoCoreError):
+        return StoreError(f"{what}: {exc}")
+    code, status = _code(exc)
+    if code in _CREDENTIAL_CODES or status == 403:
+        return StoreUnavailable(
+            f"{what}: the store refused the credentials or the access ({code or status}); "
+            "check store.access_key_id, store.secret_access_key_file and the bucket policy — "
+            "uploads wait and retry meanwhile"
+        )
+    if code in _AWAY_CODES or status >= 500 or status == 429:
+        return StoreUnavailable(f"{what}: store unavailable ({code or status})")
+    return StoreError(f"{what}: {code or status}: {exc.response.get('Error', {}).get('Message')}")
+
+
+def _read_secret(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            secret = f.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(
+            f'store.secret_access_key_file: "{path}" cannot be read ({exc})'
+        ) from None
+    if not secret:
+        raise ConfigError(f'store.secret_access_key_file: "{path}" has an empty first line')
+    return secret
+
+
+def make_session(cfg: StoreConfig) -> Any:
+    """A boto3 session: the configured key, or the standard AWS chain when none is given."""
+    if (cfg.access_key_id is None) != (cfg.secret_access_key_file is None):
+        raise ConfigError(
+            "store.access_key_id and store.secret_access_key_file go together "
+            "(or leave both out for the standard AWS credential chain)"
+        )
+    if cfg.access_key_id is not None and cfg.secret_access_key_file is not None:
+        return boto3.session.Session(
+            aws_access_key_id=cfg.access_key_id,
+            aws_secret_access_key=_read_secret(cfg.secret_access_key_file),
+            region_name=cfg.region,
+        )
+    return boto3.session.Session(region_name=cfg.region)
+
+
+def make_client(
+    session: Any,
+    cfg: StoreConfig,
+    *,
+    max_attempts: int = MAX_ATTEMPTS,
+    connections: int = 10,
+    connect_timeout: float = 10.0,
+) -> Any:
+    s3: dict[str, Any] = {
+        # The x-amz-checksum-sha256 header is signed and binds the body, so SigV4 need not
+        # hash the payload a second time (over http botocore would, re-reading every body).
+        "payload_signing_enabled": False,
+    }
+    if cfg.endpoint_url:
+        s3["addressing_style"] = "path"  # MinIO, Ceph, SeaweedFS: no bucket DNS names
+    config = BotoConfig(
+        retries={"mode": "standard", "max_attempts": max_attempts},
+        connect_timeout=connect_timeout,
+        read_timeout=60,
+        tcp_keepalive=True,
+        max_pool_connections=connections,
+        user_agent_extra=f"dockd/{__version__}",
+        s3=s3,
+    )
+    return session.client("s3", endpoint_url=cfg.endpoint_url, config=config)
+
+
+def part_size_for(size: int, part_size: int = PART_SIZE) -> int:
+    """`part_size`, doubled until the file fits in S3's 10 000 parts."""
+    ps = max(part_size, MIN_PART_SIZE)
+    while -(-size // ps) > MAX_PARTS:
+        ps *= 2
+    return ps
+
+
+def composite_sha256(part_digests: list[bytes]) -> str:
+    """S3's COMPOSITE checksum: base64 SHA-256 of the concatenated part digests, "-N"."""
+    return f"{_b64(hashlib.sha256(b''.join(part_digests)).digest())}-{len(part_digests)}"
+
+
+class _Paced(io.RawIOBase):
+    """A request body that pays the shared bandwidth bucket for every byte read from it."""
+
+    def __init__(self, raw: BinaryIO, throttle: TokenBucket) -> None:
+        self._raw = raw
+        self._throttle = throttle
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        data = self._raw.read(len(view))
+        view[: len(data)] = data
+        self._throttle.take(len(data))
+        return len(data)
+
+
+class _Body(io.RawIOBase):
+    """A GetObject body as a file; a connection lost mid-read is an OSError (EIO)."""
+
+    def __init__(self, body: Any, key: str) -> None:
+        self._body = body
+        self._key = key
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        try:
+            data = self._body.read(len(view))
+        except BotoCoreError as exc:
+            raise OSError(errno.EIO, f"{self._key}: read from the store failed ({exc})") from exc
+        view[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            with contextlib.suppress(BotoCoreError, OSError):
+                self._body.close()
+        super().close()
+
+
+class S3Store:
+    def __init__(
+        self,
+        client: Any,
+        bucket: str,
+        prefix: str = "",
+        *,
+        verify: str = "checksum",
+        object_lock_mode: str | None = None,
+        object_lock_days: int | None = None,
+        storage_class: str | None = None,
+        throttle: TokenBucket | None = None,
+        multipart_threshold: int = MULTIPART_THRESHOLD,
+        part_size: int = PART_SIZE,
+        quick_client: Any | None = None,
+    ) -> None:
+        self._s3 = client
+        self._quick = quick_client or client  # few retries: start-up must not hang on an outage
+        self.bucket = bucket
+        self.prefix = prefix
+        self.verify_mode = verify
+        self.lock_mode = object_lock_mode
+        self.lock_days = object_lock_days
+        self.storage_class = storage_class
+        self.throttle = throttle
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
+        endpoint = getattr(getattr(client, "meta", None), "endpoint_url", None) or "aws"
+        self.name = f"s3:{endpoint}/{bucket}/{prefix}"
+        self._lock_checked = object_lock_mode is None
+        self._composites: dict[str, str] = {}  # full key -> composite of parts we sent
+        self._mutex = threading.Lock()
+        self._log = get_log(store=self.name)
+
+    @classmethod
+    def from_config(
+        cls, cfg: StoreConfig, *, throttle: TokenBucket | None = None, concurrency: int = 2
+    ) -> S3Store:
+        assert cfg.bucket is not None  # StoreConfig refuses kind "s3" without one
+        session = make_session(cfg)
+        return cls(
+            make_client(session, cfg, connections=max(10, concurrency + 2)),
+            cfg.bucket,
+            cfg.prefix,
+            verify=cfg.verify,
+            object_lock_mode=cfg.object_lock_mode,
+            object_lock_days=cfg.object_lock_days,
+            storage_class=cfg.storage_class,
+            throttle=throttle,
+            multipart_threshold=MULTIPART_THRESHOLD,
+            part_size=PART_SIZE,
+            quick_client=make_client(session, cfg, max_attempts=2, connect_timeout=3.0),
+        )
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.name!r})"
+
+    # -- keys --------------------------------------------------------------------------------
+
+    def _full(self, key: str) -> str:
+        parts = key.split("/")
+        if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise StoreError(f"{key!r}: not a safe store key")
+        return self.prefix + key
+
+    # -- start-up ----------------------------------------------------------------------------
+
+    def start_up(self) -> None:
+        """Checks against the live bucket before the daemon starts (called by preflight).
+
+        A lock configured on a bucket without Object Lock is a ConfigError (exit 78), before
+        anything is written. A store that is away is not an error here: the dock must start
+        and offload without its network; the lock is then checked before the first put.
+        """
+        if not self._lock_checked:
+            try:
+                problem = self._lock_problem(self._quick)
+            except StoreError as exc:
+                self._log.warning("object_lock_unchecked", error=str(exc))
+            else:
+                if problem is not None:
+                    raise ConfigError(problem)
+                self._lock_checked = True
+        try:
+            n = self.abort_stale_uploads()
+        except StoreError as exc:
+            self._log.warning("stale_uploads_unchecked", error=str(exc))
+        else:
+            if n:
+                self._log.info("stale_uploads_aborted", count=n)
+
+    def _lock_problem(self, client: Any, *, denied_ok: bool = False) -> str | None:
+        """What is wrong with the bucket for the configured lock, None if nothing.
+
+        `denied_ok`: without the right to read the lock configuration, go on. The puts carry
+        the lock headers, and a bucket without Object Lock refuses those: nothing unlocked
+        can be stored either way.
+        """
+        why = None
+        try:
+            got = client.get_object_lock_configuration(Bucket=self.bucket)
+        except ClientError as exc:
+            code, status = _code(exc)
+            if denied_ok and status == 403:
+                self._log.warning("object_lock_unchecked", error=str(_classify(exc, "")))
+                return None
+            if code != "ObjectLockConfigurationNotFoundError":
+                raise _classify(exc, f"bucket {self.bucket}") from exc
+            why = "has no Object Lock configuration"
+        except BotoCoreError as exc:
+            raise _classify(exc, f"bucket {self.bucket}") from exc
+        else:
+            if got.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") != "Enabled":
+                why = "does not have Object Lock enabled"
+        if why is None:
+            return None
+        return (
+            f'store.object_lock_mode = "{self.lock_mode}": bucket "{self.bucket}" {why}; '
+            "Object Lock can only be enabled on a versioned bucket (usually when it is created). "
+            "Use a bucket with Object Lock, or remove store.object_lock_mode/object_lock_days"
+        )
+
+    def _ensure_lock(self) -> None:
+        """Before the first put: a bucket without Object Lock must not get unlocked evidence."""
+        if self._lock_checked:
+            return
+        problem = self._lock_problem(self._s3, denied_ok=True)
+        if problem is not None:
+            # not ConfigError: the daemon is running; the file waits in the queue, shown as why
+            raise StoreUnavailable(problem)
+        self._lock_checked = True
+
+    def abort_stale_uploads(self, older_than: float = STALE_UPLOAD_S) -> int:
+        """Abort multipart uploads under the prefix started more than `older_than` s ago.
+
+        Only old ones: docks may share a bucket and prefix, and another dock's upload in flight
+        is not ours to cut. Our own unfinished uploads are aborted per key on the next attempt.
+        """
+        cutoff = datetime.now(UTC) - timedelta(seconds=older_than)
+        n = 0
+        try:
+            pages = self._quick.get_paginator("list_multipart_uploads")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for up in page.get("Uploads", []):
+                    if up["Initiated"] < cutoff:
+                        self._abort(self._quick, up["Key"], up["UploadId"])
+                        n += 1
+        except (ClientError, BotoCoreError) as exc:
+            raise _classify(exc, f"bucket {self.bucket}: listing multipart uploads") from exc
+        return n
+
+    def _abort(self, client: Any, full: str, upload_id: str) -> None:
+        try:
+            client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
+        except ClientError as exc:
+            if _code(exc)[0] != "NoSuchUpload":
+                raise
+
+    def _abort_unfinished(self, full: str) -> None:
+        """Abort every unfinished multipart upload of exactly this key (a cut-short attempt)."""
+        try:
+            got = self._s3.list_multipart_uploads(Bucket=self.bucket, Prefix=full)
+            for up in got.get("Uploads", []):
+                if up["Key"] == full:
+                    self._abort(self._s3, full, up["UploadId"])
+        except (ClientError, BotoCoreError) as exc:
+            raise _classify(exc, f"{full}: aborting an unfinished upload") from exc
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def put_file(self, key: str, source: Path, sha256: str, size: int) -> None:
+        full = self._full(key)
+        try:
+            f = open(source, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"{key}: staged copy {source} is missing; nothing verified to send"
+            ) from None
+        with f:
+            actual = f.seek(0, io.SEEK_END)
+            f.seek(0)
+            if actual != size:
+                raise IntegrityError(f"{key}: staged copy is {actual} bytes, journal says {size}")
+            self._ensure_lock()
+            if size > self.multipart_threshold:
+                self._put_multipart(key, full, f, sha256, size)
+            else:
+                self._put_single(key, full, f, sha256, size, lambda: _hash_file(f)[0])
+
+    def put_bytes(self, key: str, data: bytes, sha256: str) -> None:
+        full = self._full(key)
+        self._ensure_lock()
+        self._put_single(
+            key, full, io.BytesIO(data), sha256, len(data), lambda: hashlib.sha256(data).hexdigest()
+        )
+
+    def _object_args(self) -> dict[str, Any]:
+        args: dict[str, Any] = {}
+        if self.storage_class:
+            args["StorageClass"] = self.storage_class
+        if self.lock_mode is not None and self.lock_days is not None:
+            args["ObjectLockMode"] = self.lock_mode
+            args["ObjectLockRetainUntilDate"] = datetime.now(UTC) + timedelta(days=self.lock_days)
+        return args
+
+    def _body(self, raw: BinaryIO) -> BinaryIO | _Paced:
+        return raw if self.throttle is None else _Paced(raw, self.throttle)
+
+    def _put_single(
+        self,
+        key: str,
+        full: str,
+        raw: BinaryIO,
+        sha256: str,
+        size: int,
+        local_sha256: Callable[[], str],
+    ) -> None:
+        try:
+            self._s3.put_object(
+                Bucket=self.bucket,
+                Key=full,
+                Body=self._body(raw),
+                ContentLength=size,
+                ChecksumSHA256=_b64(bytes.fromhex(sha256)),
+                IfNoneMatch="*",
+                **self._object_args(),
+            )
+        except ClientError as exc:
+            code, status = _code(exc)
+            if status == 412 or code == "PreconditionFailed":
+                self._same_or_conflict(key, full, sha256, size)
+                return
+            if code in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
+                raise self._bad_digest(key, sha256, local_sha256()) from exc
+            raise _classify(exc, key) from exc
+        except BotoCoreError as exc:
+            raise _classify(exc, key) from exc
+
+    def _bad_digest(self, key: str, sha256: str, local: str) -> StoreError | IntegrityError:
+        """The server found the body does not hash to the journal's SHA-256: whose fault?"""
+        if hmac.compare_digest(local, sha256):
+            # staging is right: the bytes were damaged on the way; sending again is right
+            return StoreUnavailable(f"{key}: the store received other bytes than were sent")
+        return IntegrityError(
+            f"{key}: staged copy hashes to {local[:16]}…, journal says {sha256[:16]}…; not sent"
+        )
+
+    def _put_multipart(self, key: str, full: str, f: BinaryIO, sha256: str, size: int) -> None:
+        exists = self._head(full) is not None
+        self._abort_unfinished(full)
+        if exists:  # a retry after a crash that came after the completion
+            self._same_or_conflict(key, full, sha256, size, f)
+            return
+        try:
+            upload_id = self._s3.create_multipart_upload(
+                Bucket=self.bucket, Key=full, ChecksumAlgorithm="SHA256", **self._object_args()
+            )["UploadId"]
+        except (ClientError, BotoCoreError) as exc:
+            raise _classify(exc, key) from exc
+        try:
+            composite = self._send_parts(key, full, upload_id, f, sha256, size)
+        except BaseException:
+            # best effort; the next attempt lists and aborts whatever this one left
+            with contextlib.suppress(ClientError, BotoCoreError):
+                self._abort(self._s3, full, upload_id)
+            raise
+        with self._mutex:
+            self._composites[full] = composite
+
+    def _send_parts(
+        self, key: str, full: str, upload_id: str, f: BinaryIO, sha256: str, size: int
+    ) -> str:
+        ps = part_size_for(size, self.part_size)
+        whole = hashlib.sha256()
+        digests: list[bytes] = []
+        parts: list[dict[str, Any]] = []
+        number = 0
+        try:
+            while data := f.read(ps):
+                number += 1
+                whole.update(data)
+                digest = hashlib.sha256(data).digest()
+                digests.append(digest)
+                got = self._s3.upload_part(
+                    Bucket=self.bucket,
+                    Key=full,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=self._body(io.BytesIO(data)),
+                    ContentLength=len(data),
+                    ChecksumSHA256=_b64(digest),
+                )
+                parts.append(
+                    {"PartNumber": number, "ETag": got["ETag"], "ChecksumSHA256": _b64(digest)}
+                )
+                del data
+        except ClientError as exc:
+            if _code(exc)[0] in ("BadDigest", "InvalidDigest"):
+                raise StoreUnavailable(f"{key}: part {number} arrived damaged") from exc
+            raise _classify(exc, key) from exc
+        except BotoCoreError as exc:
+            raise _classify(exc, key) from exc
+        local = whole.hexdigest()
+        if not hmac.compare_digest(local, sha256):
+            raise IntegrityError(
+                f"{key}: staged copy hashes to {local[:16]}…, journal says {sha256[:16]}…; "
+                "upload abandoned"
+            )
+        composite = composite_sha256(digests)
+        try:
+            done = self._s3.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=full,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
+        except ClientError as exc:
+            code, status = _code(exc)
+            if status == 412 or code == "PreconditionFailed" or code == "NoSuchUpload":
+                # taken meanwhile, or completed by an earlier try whose answer was lost
+                self._abort_quietly(full, upload_id)
+                if code == "NoSuchUpload" and self._head(full) is None:
+                    raise StoreUnavailable(f"{key}: the multipart upload vanished") from exc
+                self._same_or_conflict(key, full, sha256, size, known_composite=composite)
+                return composite
+            raise _classify(exc, key) from exc
+        except BotoCoreError as exc:
+            raise _classify(exc, key) from exc
+        reported = done.get("ChecksumSHA256")
+        if reported is not None and reported != composite:
+            raise IntegrityError(
+                f"{key}: the store reports checksum {reported}, the parts sent make {composite}"
+            )
+        return composite
+
+    def _abort_quietly(self, full: str, upload_id: str) -> None:
+        with contextlib.suppress(ClientError, BotoCoreError):
+            self._abort(self._s3, full, upload_id)
+
+    def _same_or_conflict(
+        self,
+        key: str,
+        full: str,
+        sha256: str,
+        size: int,
+        f: BinaryIO | None = None,
+        known_composite: str | None = None,
+    ) -> None:
+        """The key is taken: our bytes already (a retry) is success; anything else a conflict."""
+        head = self._head(full)
+        if head is None:
+            raise StoreUnavailable(f"{key}: the store said the key was taken, then not found")
+        if head["ContentLength"] != size:
+            raise StoreConflict(
+                f"{key}: already in the store with other content ({head['ContentLength']} "
+                f"bytes, expected {size}); left as it is"
+            )
+        same = self._matches(key, full, head.get("ChecksumSHA256"), sha256, f, known_composite)
+        if not same:
+            raise StoreConflict(f"{key}: already in the store with other content; left as it is")
+
+    def _matches(
+        self,
+        key: str,
+        full: str,
+        stored: str | None,
+        sha256: str,
+        f: BinaryIO | None,
+        composite: str | None,
+    ) -> bool:
+        if stored is not None and "-" not in stored:
+            return hmac.compare_digest(stored, _b64(bytes.fromhex(sha256)))
+        if stored is not None and composite is None and f is not None:
+            f.seek(0)
+            local, composite = _hash_file(f, part_size_for(_size(f), self.part_size))
+            if not hmac.compare_digest(local, sha256):
+                raise IntegrityError(
+                    f"{key}: staged copy hashes to {local[:16]}…, journal says {sha256[:16]}…"
+                )
+        if stored is not None and composite is not None and stored == composite:
+            return True
+        # no checksum from the server, or parts of another size: read it back
+        got, _n = self._read_back(key, full)
+        return hmac.compare_digest(got, sha256)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def _head(self, full: str) -> dict[str, Any] | None:
+        try:
+            got: dict[str, Any] = self._s3.head_object(
+                Bucket=self.bucket, Key=full, ChecksumMode="ENABLED"
+            )
+        except ClientError as exc:
+            code, status = _code(exc)
+            if status == 404 and code != "NoSuchBucket":
+                return None
+            raise _classify(exc, full) from exc
+        except BotoCoreError as exc:
+            raise _classify(exc, full) from exc
+        return got
+
+    def verify(self, key: str, sha256: str, size: int) -> str:
+        full = self._full(key)
+        if self.verify_mode == "checksum":
+            head = self._head(full)
+            if head is None:
+                raise StoreError(f"{key}: missing from the store")
+            if head["ContentLength"] != size:
+                raise IntegrityError(
+                    f"{key}: {head['ContentLength']} bytes in the store, expected {size}"
+                )
+            stored = head.get("ChecksumSHA256")
+            with self._mutex:
+                composite = self._composites.get(full)
+            expected = _b64(bytes.fromhex(sha256)) if stored and "-" not in stored else composite
+            if stored is not None and expected is not None:
+                if not hmac.compare_digest(stored, expected):
+                    raise IntegrityError(
+                        f"{key}: the store's SHA-256 is {stored}, expected {expected}"
+                    )
+                with self._mutex:
+                    self._composites.pop(full, None)
+                return "checksum"
+            # the server reports no SHA-256, or parts we no longer know: read it back
+        got, n = self._read_back(key, full)
+        if n != size:
+            raise IntegrityError(f"{key}: {n} bytes in the store, expected {size}")
+        if not hmac.compare_digest(got, sha256):
+            raise IntegrityError(
+                f"{key}: store copy hashes to {got[:16]}…, expected {sha256[:16]}…"
+            )
+        with self._mutex:
+            self._composites.pop(full, None)
+        return "readback"
+
+    def _read_back(self, key: str, full: str) -> tuple[str, int]:
+        h = hashlib.sha256()
+        n = 0
+        with self._open(key, full) as body:
+            try:
+                while chunk := body.read(CHUNK):
+                    h.update(chunk)
+                    n += len(chunk)
+            except OSError as exc:
+                raise StoreUnavailable(str(exc)) from exc
+        return h.hexdigest(), n
+
+    def open(self, key: str) -> BinaryIO:
+        return self._open(key, self._full(key))
+
+    def _open(self, key: str, full: str) -> BinaryIO:
+        try:
+            got = self._s3.get_object(Bucket=self.bucket, Key=full)
+        except ClientError as exc:
+            code, status = _code(exc)
+            if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
+                raise StoreError(f"{key}: missing from the store") from None
+            raise _classify(exc, key) from exc
+        except BotoCoreError as exc:
+            raise _classify(exc, key) from exc
+        return io.BufferedReader(_Body(got["Body"], key), CHUNK)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        head = self._head(self._full(key))
+        return None if head is None else ObjectInfo(key, int(head["ContentLength"]))
+
+    def manifests(self) -> Iterator[str]:
+        """Every `<prefix><camera>/<session>/manifest.json`, from one listing of the prefix."""
+        try:
+            pages = self._s3.get_paginator("list_objects_v2")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for obj in page.get("Contents", []):
+                    rel = obj["Key"][len(self.prefix) :]
+                    if _MANIFEST_RE.fullmatch(rel):
+                        yield rel
+        except (ClientError, BotoCoreError) as exc:
+            raise _classify(exc, f"bucket {self.bucket}") from exc
+
+    def check(self) -> None:
+        try:
+            self._s3.head_bucket(Bucket=self.bucket)
+        except ClientError as exc:
+            if _code(exc)[1] == 404:
+                raise StoreUnavailable(f'bucket "{self.bucket}" not found') from exc
+            raise _classify(exc, f"bucket {self.bucket}") from exc
+        except BotoCoreError as exc:
+            raise _classify(exc, f"bucket {self.bucket}") from exc
+
+
+def _size(f: BinaryIO) -> int:
+    pos = f.tell()
+    end = f.seek(0, io.SEEK_END)
+    f.seek(pos)
+    return end
+
+
+def _hash_file(f: BinaryIO, part_size: int | None = None) -> tuple[str, str | None]:
+    """SHA-256 of the whole file and, given a part size, the COMPOSITE of its parts."""
+    f.seek(0)
+    whole = hashlib.sha256()
+    digests: list[bytes] = []
+    step = part_size or CHUNK
+    while data := f.read(step):
+        whole.update(data)
+        if part_size:
+            digests.append(hashlib.sha256(data).digest())
+    return whole.hexdigest(), composite_sha256(digests) if part_size else None
