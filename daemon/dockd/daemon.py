@@ -40,7 +40,7 @@ from dockd.observers.log import get as get_log
 from dockd.offload.session import CameraSession
 from dockd.runtime import Problems, Runtime, free_bytes
 from dockd.sources import build_sources
-from dockd.sources.base import Docked, Source, SourceEvent, Undocked
+from dockd.sources.base import Docked, Refused, Source, SourceEvent, Undocked
 from dockd.store import build_store
 from dockd.store import start_up as store_start_up
 from dockd.store.base import Store
@@ -78,6 +78,7 @@ class Daemon:
         self._failure: BaseException | None = None
         self.rt: Runtime | None = None
         self._last_status: DockStatus | None = None
+        self._sources: dict[str, Source] = {}
         self.uploader: Uploader | None = None
 
     async def run(self) -> int:
@@ -98,6 +99,7 @@ class Daemon:
             camera_slots=asyncio.Semaphore(cfg.offload.parallel_cameras),
         )
         sources = build_sources(cfg)
+        self._sources = {s.name: s for s in sources}
         queue: asyncio.Queue[SourceEvent] = asyncio.Queue()
         observers = build_observers(cfg)
         subs = [self.bus.subscribe(o.name) for o in observers]
@@ -164,12 +166,6 @@ class Daemon:
         # a lock configured on a bucket without Object Lock: refused here, nothing written
         store_start_up(build_store(self.config))
         build_sources(self.config)
-        if self.config.mqtt.enabled:
-            self.log.warning(
-                "mqtt_not_built",
-                note="mqtt.enabled is true, but the MQTT observer is not built into this "
-                "version yet; status is in the logs and `dockd status`",
-            )
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration; apply what can be applied live, keep the old
@@ -239,8 +235,28 @@ class Daemon:
     async def _on_source_event(self, event: SourceEvent) -> None:
         if isinstance(event, Docked):
             await self._on_docked(event)
-        else:
+        elif isinstance(event, Undocked):
             await self._on_undocked(event)
+        else:
+            await self._on_refused(event)
+
+    async def _on_refused(self, event: Refused) -> None:
+        """Never mounted, never read: logged, told to the dashboards, kept in custody."""
+        assert self.rt is not None
+        self.log.warning(
+            "camera_refused", device=event.device, reason=event.reason, source=event.source
+        )
+        self.bus.publish(
+            Notice("camera_refused", None, None, {"device": event.device, "reason": event.reason})
+        )
+        await self.rt.journal(
+            self.rt.journal.journal.custody_event,
+            "camera_refused",
+            None,
+            device=event.device,
+            reason=event.reason,
+            source=event.source,
+        )
 
     async def _on_docked(self, event: Docked) -> None:
         assert self.rt is not None
@@ -302,6 +318,12 @@ class Daemon:
             )
         finally:
             self._session_tasks.pop(session.camera, None)
+            source = self._sources.get(session.docked.source)
+            if source is not None and not session.parked:
+                try:
+                    await source.release(session.docked)
+                except SourceError as exc:
+                    self.log.error("camera_release_failed", camera=session.camera, error=str(exc))
             self._write_status_soon()
 
     async def _on_undocked(self, event: Undocked) -> None:

@@ -71,6 +71,10 @@ class CameraSession:
         self.cancel.set()
         self._cancelled.set()
 
+    @property
+    def parked(self) -> bool:
+        return self._parking
+
     def park(self) -> None:
         """Daemon shutdown: stop after the chunk in hand and leave the session offloading in the
         journal, so the next start resumes it if the camera is still docked."""

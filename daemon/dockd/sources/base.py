@@ -30,7 +30,17 @@ class Undocked:
     location: str
 
 
-SourceEvent = Docked | Undocked
+@dataclass(frozen=True)
+class Refused:
+    """A device that is not a camera (no allowlist entry holds) or cannot be one. It was never
+    mounted or read. `device` is what names it safely (a sysfs name): its own id may be bad."""
+
+    source: str
+    device: str
+    reason: str
+
+
+SourceEvent = Docked | Undocked | Refused
 
 
 class Source(Protocol):
@@ -38,6 +48,10 @@ class Source(Protocol):
 
     async def start(self, out: asyncio.Queue[SourceEvent]) -> None:
         """Begin watching; put every camera already present on `out`, then return."""
+
+    async def release(self, docked: Docked) -> None:
+        """The daemon is done reading this camera (its session ended): undo what `Docked`
+        needed (a mount). Idempotent; also done by the source itself on undock and stop."""
 
     async def stop(self) -> None:
         """Stop watching and release what the source holds."""

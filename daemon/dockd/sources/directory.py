@@ -50,6 +50,9 @@ class DirectorySource:
             if entry.is_dir(follow_symlinks=False):
                 self._docked(entry.name, out)
 
+    async def release(self, docked: Docked) -> None:
+        """Nothing to undo: the directory is not ours."""
+
     async def stop(self) -> None:
         if self._observer is not None:
             observer, self._observer = self._observer, None
