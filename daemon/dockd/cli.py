@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     cu_sub = cu.add_subparsers(dest="custody_command", required=True, metavar="COMMAND")
     ex = cu_sub.add_parser("export", parents=[common], help="a session's records as JSON lines")
     ex.add_argument("session", metavar="SESSION")
+    ky = sub.add_parser("key", parents=[common], help="the dock's signing key")
+    ky_sub = ky.add_subparsers(dest="key_command", required=True, metavar="COMMAND")
+    ky_sub.add_parser("show", parents=[common], help="the public key line and key id")
     dm = sub.add_parser("demo", parents=[common], help="a self-contained demonstration")
     dm.add_argument("--keep", action="store_true", help="keep the demo directory")
     return p
@@ -65,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "verify": cmd_verify,
             "prioritize": cmd_prioritize,
             "custody": cmd_custody,
+            "key": cmd_key,
         }[args.command]
         return handler(config, args)
     except ConfigError as exc:
@@ -218,18 +222,20 @@ def _print_status(d: dict[str, Any]) -> None:
 
 def cmd_verify(config: Config, args: argparse.Namespace) -> int:
     from dockd.errors import StoreError
+    from dockd.evidence.signing import load, trusted_keys
     from dockd.journal.db import Db
     from dockd.store import build_store
     from dockd.verify import check_journal_chain, verify
 
     store = build_store(config)
+    trusted = trusted_keys(config.signing.trusted_keys_dir, load(config.key_file, config.dock.id))
     journal: Db | None = None
     if config.journal_path.exists():
         journal = Db.open_readonly(config.journal_path, config.dock.id)
     try:
         chain_problems = check_journal_chain(journal) if journal else []
         try:
-            reports = list(verify(store, args.sessions, journal))
+            reports = list(verify(store, args.sessions, journal, trusted))
         except StoreError as exc:  # the store itself is away: nothing could be checked
             print(f"dockd: {exc}", file=sys.stderr)
             return EX_FAIL
@@ -254,7 +260,7 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
         for r in reports:
             print(
                 f"{'ok    ' if r.ok else 'FAILED'} {r.session_id}  {r.files} files, "
-                f"{format_size(r.bytes)}"
+                f"{format_size(r.bytes)}, signature {r.signature}, chain {r.chain}"
             )
             for p in r.problems:
                 print(f"       {p}")
@@ -275,6 +281,16 @@ def cmd_prioritize(config: Config, args: argparse.Namespace) -> int:
     finally:
         journal.close()
     print(f"{s.id}: first in the upload queue")
+    return EX_OK
+
+
+def cmd_key(config: Config, args: argparse.Namespace) -> int:
+    """Prints the line a custodian puts in a file under signing.trusted_keys_dir. Creates the
+    key if the daemon has not yet (the same thing its first start does)."""
+    from dockd.evidence.signing import load_or_create
+
+    key = load_or_create(config.key_file, config.dock.id)
+    print(key.public_line())
     return EX_OK
 
 

@@ -32,6 +32,7 @@ from dockd.events import (
     QueueFacts,
     Subscription,
 )
+from dockd.evidence.signing import load_or_create
 from dockd.ids import CameraId, camera_id
 from dockd.journal import Journal, SessionRow
 from dockd.journal.thread import JournalThread
@@ -84,6 +85,7 @@ class Daemon:
     async def run(self) -> int:
         cfg = self.config
         _prepare_state_dir(cfg)
+        dock_key = await asyncio.to_thread(load_or_create, cfg.key_file, cfg.dock.id)
         journal = await asyncio.to_thread(Journal.open, cfg.journal_path, cfg.dock.id)
         jt = JournalThread(journal)
         store = build_store(cfg)
@@ -97,6 +99,7 @@ class Daemon:
             offload_pool=ThreadPoolExecutor(cfg.offload.parallel_cameras, "offload"),
             upload_pool=ThreadPoolExecutor(cfg.upload.concurrency, "upload"),
             camera_slots=asyncio.Semaphore(cfg.offload.parallel_cameras),
+            dock_key=dock_key,
         )
         sources = build_sources(cfg)
         self._sources = {s.name: s for s in sources}

@@ -32,6 +32,7 @@ from dockd.config import Config, parse_config
 from dockd.daemon import Daemon
 from dockd.events import CameraStatus, EventBus, Notice
 from dockd.events import Progress as ProgressEvent
+from dockd.evidence.signing import load, trusted_keys
 from dockd.journal import Journal
 from dockd.observers.log import setup as setup_logging
 from dockd.store import build_store
@@ -147,12 +148,16 @@ def _summary(config: Config, console: Console) -> bool:
         console.print(table)
         store = build_store(config)
         problems = check_journal_chain(journal)
-        reports = list(verify(store, (), journal))
+        trusted = trusted_keys(None, load(config.key_file, config.dock.id))
+        reports = list(verify(store, (), journal, trusted))
     finally:
         journal.close()
     for r in reports:
         mark = "[green]ok[/]" if r.ok else "[red]FAILED[/]"
-        console.print(f"verify {mark} {r.session_id}: {r.files} files, {format_size(r.bytes)}")
+        console.print(
+            f"verify {mark} {r.session_id}: {r.files} files, {format_size(r.bytes)}, "
+            f"signature {r.signature}, custody chain {r.chain}"
+        )
         for p in r.problems:
             console.print(f"   {p}")
     for p in problems:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dockd.config import Config
 from dockd.events import EventBus
+from dockd.evidence.signing import DockKey
 from dockd.journal.thread import JournalThread
 from dockd.store.base import Store
 
@@ -67,6 +68,7 @@ class Runtime:
     offload_pool: ThreadPoolExecutor
     upload_pool: ThreadPoolExecutor
     camera_slots: asyncio.Semaphore
+    dock_key: DockKey | None = None  # signs manifests
     upload_wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     space_freed: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -18,7 +18,8 @@ from typing import Any
 from dockd.custody import CustodyRecord, SliceSummary, check_chain, check_slice
 from dockd.errors import CustodyError, JournalError, StoreError
 from dockd.evidence import keys, sums
-from dockd.evidence.manifest import FORMAT
+from dockd.evidence.manifest import FORMAT, SIGNATURE
+from dockd.evidence.signing import TrustedKey, check_signature
 from dockd.journal.db import Db
 from dockd.store.base import Store
 
@@ -32,6 +33,8 @@ class SessionReport:
     files: int = 0
     bytes: int = 0
     problems: list[str] = field(default_factory=list)
+    signature: str = "not checked"  # ok | not checked | BAD
+    chain: str = "not checked"  # ok | BAD
 
     @property
     def ok(self) -> bool:
@@ -43,6 +46,8 @@ class SessionReport:
             "camera": self.camera,
             "files": self.files,
             "bytes": self.bytes,
+            "signature": self.signature,
+            "chain": self.chain,
             "result": "ok" if self.ok else "FAILED",
             "problems": self.problems,
         }
@@ -72,7 +77,12 @@ def _read(store: Store, key: str) -> bytes:
         return f.read()
 
 
-def verify_session(store: Store, manifest_key: str, journal: Db | None = None) -> SessionReport:
+def verify_session(
+    store: Store,
+    manifest_key: str,
+    journal: Db | None = None,
+    trusted: dict[str, TrustedKey] | None = None,
+) -> SessionReport:
     session_id = manifest_key.split("/")[-2] if "/" in manifest_key else manifest_key
     report = SessionReport(session_id)
     try:
@@ -86,7 +96,10 @@ def verify_session(store: Store, manifest_key: str, journal: Db | None = None) -
         report.problems.append(f"manifest is not JSON: {exc}")
         return report
     try:
-        return _check_manifest(store, m, manifest_key, report, journal)
+        _check_manifest(store, m, manifest_key, report, journal)
+        if trusted is not None:
+            _check_signature(store, raw, m, manifest_key, report, trusted)
+        return report
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         # an altered manifest is a finding to report, not a crash that stops the whole run
         report.problems.append(f"manifest is malformed: {type(exc).__name__}: {exc}")
@@ -136,7 +149,9 @@ def _check_manifest(
         if sidecars[keys.SUMS] != expected:
             report.problems.append("SHA256SUMS does not list exactly the manifest's files")
     if keys.CUSTODY in sidecars:
-        report.problems.extend(_check_custody(sidecars[keys.CUSTODY], m, session_id, journal))
+        custody_problems = _check_custody(sidecars[keys.CUSTODY], m, session_id, journal)
+        report.chain = "BAD" if custody_problems else "ok"
+        report.problems.extend(custody_problems)
     elif not any(sc["name"] == keys.CUSTODY for sc in m.get("sidecars", [])):
         report.problems.append("custody.jsonl is not among the manifest's sidecars")
     # else: listed but missing or altered, which _check_object has reported above
@@ -183,12 +198,47 @@ def check_journal_chain(journal: Db) -> list[str]:
     return []
 
 
+def _check_signature(
+    store: Store,
+    raw: bytes,
+    m: dict[str, Any],
+    manifest_key: str,
+    report: SessionReport,
+    trusted: dict[str, TrustedKey],
+) -> None:
+    """The manifest's bytes are signed by a trusted dock: a writer with store access who edits
+    the manifest (and re-hashes everything under it) cannot re-sign it."""
+    report.signature = "BAD"
+    if not m.get("signing"):
+        report.problems.append("manifest is not signed")
+        return
+    sig_key = f"{manifest_key.rsplit('/', 1)[0]}/{SIGNATURE}"
+    try:
+        sig = _read(store, sig_key)
+    except StoreError:
+        report.problems.append(f"{sig_key}: signature missing from the store")
+        return
+    if not trusted:
+        report.problems.append(
+            "no trusted dock key to check the signature with (set signing.trusted_keys_dir)"
+        )
+        return
+    problem = check_signature(raw, sig, trusted)
+    if problem is not None:
+        report.problems.append(problem)
+        return
+    report.signature = "ok"
+
+
 def verify(
-    store: Store, sessions: Iterable[str] = (), journal: Db | None = None
+    store: Store,
+    sessions: Iterable[str] = (),
+    journal: Db | None = None,
+    trusted: dict[str, TrustedKey] | None = None,
 ) -> Iterator[SessionReport]:
     wanted = list(sessions)
     manifest_keys: Iterable[str] = (
         [manifest_key_for(s) for s in wanted] if wanted else store.manifests()
     )
     for key in manifest_keys:
-        yield verify_session(store, key, journal)
+        yield verify_session(store, key, journal, trusted)

@@ -18,6 +18,7 @@ from dockd.journal.rows import FileRow, SessionRow, SkippedRow
 from dockd.journal.states import MANIFEST_STATUS, FileState
 
 FORMAT = "dockd.manifest/1"
+SIGNATURE = "manifest.json.sig"
 
 
 def _raw(raw: bytes | None) -> dict[str, str]:
@@ -32,6 +33,7 @@ def build(
     skipped: Sequence[SkippedRow],
     sidecars: Sequence[tuple[str, int, str]],
     custody: SliceSummary,
+    key_id: str | None = None,
 ) -> dict[str, Any]:
     entries: list[dict[str, Any]] = []
     not_taken: list[dict[str, Any]] = [
@@ -78,6 +80,9 @@ def build(
         "skipped": sorted(not_taken, key=lambda e: e["path"]),
         "sidecars": [{"name": n, "size": size, "sha256": h} for n, size, h in sidecars],
         "custody": custody.as_dict(),
+        "signing": None
+        if key_id is None
+        else {"algorithm": "ed25519", "key_id": key_id, "signature": SIGNATURE},
     }
 
 

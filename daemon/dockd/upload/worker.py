@@ -23,6 +23,7 @@ from dockd.errors import IntegrityError, StoreConflict, StoreError, StoreUnavail
 from dockd.events import CameraStatus, Notice
 from dockd.events import Progress as ProgressEvent
 from dockd.evidence import keys, manifest, sums
+from dockd.evidence.signing import DockKey
 from dockd.journal import FileState, Journal, SessionRow
 from dockd.observers.log import get as get_log
 from dockd.offload.copy import fsync_dir
@@ -226,9 +227,9 @@ class Uploader:
         rt = self.rt
         j = rt.journal.journal
         session = await rt.journal(j.seal, job.session.id)
-        data = await rt.journal(_session_objects, j, session, rt.config.dock.id)
+        data = await rt.journal(_session_objects, j, session, rt.config.dock.id, rt.dock_key)
         loop = asyncio.get_running_loop()
-        for name, body in data:  # manifest.json is the last item
+        for name, body in data:  # signature, then manifest.json: the manifest is last
             key = keys.sidecar_key(session.camera, session.id, name)
             digest = hashlib.sha256(body).hexdigest()
             await loop.run_in_executor(rt.upload_pool, rt.store.put_bytes, key, body, digest)
@@ -273,8 +274,11 @@ def _release(claims: Claims, job: Job) -> None:
         claims.sealing.discard(job.session.id)
 
 
-def _session_objects(j: Journal, session: SessionRow, dock_id: str) -> list[tuple[str, bytes]]:
-    """The sidecars and manifest of a sealed session, rebuilt byte-identically every time."""
+def _session_objects(
+    j: Journal, session: SessionRow, dock_id: str, key: DockKey | None = None
+) -> list[tuple[str, bytes]]:
+    """The sidecars, signature and manifest of a sealed session, rebuilt byte-identically every
+    time (Ed25519 signatures are deterministic, so a restart re-signs to the same bytes)."""
     files = j.session_files(session.id)
     stored = [f for f in files if f.state in (FileState.STORED, FileState.CLEARED)]
     sums_body = sums.render((f.sha256 or "", f.path) for f in stored)
@@ -292,8 +296,11 @@ def _session_objects(j: Journal, session: SessionRow, dock_id: str) -> list[tupl
         skipped=j.session_skipped(session.id),
         sidecars=[(n, len(b), hashlib.sha256(b).hexdigest()) for n, b in sidecars],
         custody=summarize(records),
+        key_id=None if key is None else key.key_id,
     )
-    return [*sidecars, (keys.MANIFEST, manifest.dumps(m))]
+    body = manifest.dumps(m)
+    signed = [] if key is None else [(manifest.SIGNATURE, key.sign(body))]
+    return [*sidecars, *signed, (keys.MANIFEST, body)]
 
 
 def _release_staging(path: Path) -> None:
