@@ -122,6 +122,39 @@ class UdevMatch(_Section):
 class UdevSource(_Section):
     enabled: bool = False
     match: list[UdevMatch] = Field(default_factory=list)
+    # where cameras are mounted, one private (0700) directory per camera; dockd's alone: a mount
+    # found under it at start-up is taken for one a killed daemon left, and unmounted
+    mount_dir: ReqPath = Path("/run/dockd/mounts")
+    # filesystem type (udev ID_FS_TYPE) -> FUSE driver, used when the kernel has no driver for it
+    fuse_helpers: dict[str, str] = Field(
+        default_factory=lambda: {"vfat": "fusefat", "exfat": "mount.exfat-fuse"}
+    )
+    # longest a mount, remount or unmount may take before it is given up as failed
+    mount_timeout: Duration = 30.0
+
+    @field_validator("mount_dir")
+    @classmethod
+    def _absolute_mount_dir(cls, v: Path) -> Path:
+        if not v.is_absolute():
+            raise ValueError("is not an absolute path (mounts must not depend on the cwd)")
+        return v
+
+    @field_validator("fuse_helpers")
+    @classmethod
+    def _helpers(cls, v: dict[str, str]) -> dict[str, str]:
+        for fs_type, command in v.items():
+            if not re.fullmatch(r"[a-z0-9_.-]{1,32}", fs_type):
+                raise ValueError(f"has {fs_type!r}, which is not a filesystem type (as ID_FS_TYPE)")
+            if not command.strip():
+                raise ValueError(f"has an empty command for {fs_type!r}")
+        return v
+
+    @field_validator("mount_timeout")
+    @classmethod
+    def _timeout_bounds(cls, v: float) -> float:
+        if not 1.0 <= v <= 600.0:
+            raise ValueError("is out of range (1s to 10m)")
+        return v
 
     @model_validator(mode="after")
     def _needs_allowlist(self) -> UdevSource:
@@ -159,6 +192,8 @@ class OffloadConfig(_Section):
     min_free_staging: Size = 2 * 1024**3
     read_attempts: int = Field(default=3, ge=1, le=100)
     copy_attempts: int = Field(default=3, ge=1, le=100)
+    # files in flight per camera: one is read back while the next is read from the camera
+    copy_workers: int = Field(default=2, ge=1, le=16)
 
     @field_validator("chunk_size")
     @classmethod

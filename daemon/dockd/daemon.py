@@ -96,7 +96,9 @@ class Daemon:
             bus=self.bus,
             store=store,
             problems=problems,
-            offload_pool=ThreadPoolExecutor(cfg.offload.parallel_cameras, "offload"),
+            offload_pool=ThreadPoolExecutor(
+                cfg.offload.parallel_cameras * cfg.offload.copy_workers, "offload"
+            ),
             upload_pool=ThreadPoolExecutor(cfg.upload.concurrency, "upload"),
             camera_slots=asyncio.Semaphore(cfg.offload.parallel_cameras),
             dock_key=dock_key,

@@ -63,6 +63,8 @@ class CopyJob:
     mtime_ns: int
     verify_source: bool = False
     read_attempts: int = 3
+    # False when the caller fsyncs the directory itself before recording the file (batching)
+    sync_dir: bool = True
     # Test seam for faults a real disk cannot produce on demand (a bit flipped at rest in
     # staging): called after the rename, before the read-back.
     before_readback: Callable[[Path], None] | None = None
@@ -80,7 +82,8 @@ def copy_file(job: CopyJob, buf: bytearray, progress: Progress, cancel: threadin
         _unlink_quietly(partial)
         raise
     try:
-        fsync_dir(job.staged.parent)
+        if job.sync_dir:
+            fsync_dir(job.staged.parent)
         if job.before_readback is not None:
             job.before_readback(job.staged)
         back = hash_file(job.staged, buf, drop_cache=True)

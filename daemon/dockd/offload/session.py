@@ -59,7 +59,9 @@ class CameraSession:
         self._cancelled = asyncio.Event()  # the same, for waits on the loop
         self.session_id: SessionId | None = None
         self.state: SessionState | None = None
-        self._progress = Progress()
+        self._progresses: list[Progress] = []  # one per copy worker (one writer each)
+        self._batch: list[tuple[FileRow, str, str]] = []
+        self._last_flush = 0.0
         self._files_total = 0
         self._bytes_total = 0
         self._files_done = 0
@@ -116,6 +118,9 @@ class CameraSession:
         return self.state
 
     async def _offload(self, session: SessionRow) -> None:
+        """Copy every pending file with `offload.copy_workers` files in flight: while one file is
+        read back from staging, the next is read from the camera, so neither the disk nor the
+        second core waits on the other."""
         rt = self.rt
         session_dir = rt.staging / session.id
         await asyncio.to_thread(_make_session_dir, session_dir)
@@ -123,46 +128,82 @@ class CameraSession:
         totals = await rt.journal(rt.journal.journal.pending_totals, session.id)
         self._files_total, self._bytes_total = totals
         self._status("offloading")
-        buf = bytearray(rt.config.offload.chunk_size)
-        batch: list[tuple[FileRow, str, str]] = []
-        last_flush = time.monotonic()
+        workers = max(1, min(rt.config.offload.copy_workers, self._files_total))
+        queue: asyncio.Queue[FileRow | None] = asyncio.Queue(maxsize=2 * workers)
+        self._batch = []
+        self._last_flush = time.monotonic()
         ticker = asyncio.create_task(self._tick_progress())
         try:
-            after = ""
-            while True:
-                page = await rt.journal(rt.journal.journal.pending_page, session.id, after, PAGE)
-                if not page:
-                    break
-                for f in page:
-                    after = f.path
-                    if self.cancel.is_set():
-                        raise CameraGone("camera undocked")
-                    result = await self._copy_one(f, session_dir, buf)
-                    self._bytes_before += f.size
-                    self._progress.bytes_done = 0
-                    if result is not None:
-                        batch.append(result)
-                    self._files_done += 1
-                    if len(batch) >= FLUSH_FILES or time.monotonic() - last_flush > FLUSH_SECONDS:
-                        await self._flush(batch)
-                        last_flush = time.monotonic()
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._feed(queue, session.id, workers))
+                for _ in range(workers):
+                    tg.create_task(self._copy_worker(queue, session_dir))
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
-            if batch:
-                await self._flush(batch)
+            await self._flush(session_dir)
+        if self.cancel.is_set():
+            raise CameraGone("camera undocked during the offload")
 
-    async def _flush(self, batch: list[tuple[FileRow, str, str]]) -> None:
-        await self.rt.journal(self.rt.journal.journal.files_verified, list(batch))
-        for f, sha256, _ in batch:
+    async def _feed(
+        self, queue: asyncio.Queue[FileRow | None], session_id: SessionId, workers: int
+    ) -> None:
+        """Pending files in path order, a page at a time (memory bounded by the page)."""
+        j = self.rt.journal.journal
+        after = ""
+        while not self.cancel.is_set():
+            page = await self.rt.journal(j.pending_page, session_id, after, PAGE)
+            if not page:
+                break
+            for f in page:
+                after = f.path
+                if self.cancel.is_set():
+                    break
+                await queue.put(f)
+        for _ in range(workers):
+            await queue.put(None)
+
+    async def _copy_worker(self, queue: asyncio.Queue[FileRow | None], session_dir: Path) -> None:
+        buf = bytearray(self.rt.config.offload.chunk_size)  # one per worker, reused per file
+        progress = Progress()
+        self._progresses.append(progress)
+        while (f := await queue.get()) is not None:
+            if self.cancel.is_set():
+                continue  # drain to the sentinel; nothing more is copied
+            try:
+                result = await self._copy_one(f, session_dir, buf, progress)
+            except CameraGone:
+                # every worker's copy stops at its next chunk; the session reports the undock
+                self.cancel.set()
+                self._cancelled.set()
+                continue
+            self._bytes_before += f.size
+            progress.bytes_done = 0
+            self._files_done += 1
+            if result is not None:
+                self._batch.append(result)
+            if (
+                len(self._batch) >= FLUSH_FILES
+                or time.monotonic() - self._last_flush > FLUSH_SECONDS
+            ):
+                await self._flush(session_dir)
+
+    async def _flush(self, session_dir: Path) -> None:
+        """Record the batch verified: first make its renames durable (one directory fsync for
+        the batch, not one per file), then one journal transaction."""
+        if not self._batch:
+            return
+        batch, self._batch = self._batch, []
+        self._last_flush = time.monotonic()
+        await asyncio.to_thread(fsync_dir, session_dir)
+        await self.rt.journal(self.rt.journal.journal.files_verified, batch)
+        for f, _sha256, _ in batch:
             self.rt.bus.publish(
                 Notice(
                     "file_verified", self.camera, self.session_id, {"path": f.path, "size": f.size}
                 )
             )
-            del sha256
-        batch.clear()
         self._publish_progress()
 
     async def _record_walk(self, session: SessionRow) -> None:
@@ -181,7 +222,7 @@ class CameraSession:
         self._log.info("camera_walked", new_files=added, skipped=skipped)
 
     async def _copy_one(
-        self, f: FileRow, session_dir: Path, buf: bytearray
+        self, f: FileRow, session_dir: Path, buf: bytearray, progress: Progress
     ) -> tuple[FileRow, str, str] | None:
         """Copy one file with its retries. Returns what to record as verified, or None when
         the file was recorded failed/unstable. Raises CameraGone."""
@@ -198,11 +239,12 @@ class CameraSession:
                 mtime_ns=f.mtime_ns,
                 verify_source=cfg.verify == "source-and-readback",
                 read_attempts=cfg.read_attempts,
+                sync_dir=False,  # the batch flush fsyncs the directory once, before recording
             )
-            self._progress.bytes_done = 0
+            progress.bytes_done = 0
             try:
                 copied = await loop.run_in_executor(
-                    rt.offload_pool, copy_file, job, buf, self._progress, self.cancel
+                    rt.offload_pool, copy_file, job, buf, progress, self.cancel
                 )
                 return f, copied.sha256, utc_now()
             except CameraGone:
@@ -298,7 +340,10 @@ class CameraSession:
                 self._files_total,
                 self._files_done,
                 self._bytes_total,
-                min(self._bytes_total, self._bytes_before + self._progress.bytes_done),
+                min(
+                    self._bytes_total,
+                    self._bytes_before + sum(p.bytes_done for p in self._progresses),
+                ),
             )
         )
 
