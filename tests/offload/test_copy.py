@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+import xxhash
 
 from dockd.errors import CameraGone, IntegrityError, ReadFailed, SourceChanged, StagingFull
 from dockd.offload.copy import Copied, CopyJob, Progress, copy_file, fsync_dir, hash_file
@@ -122,7 +123,9 @@ def test_copy_is_whole_hashed_0600_and_leaves_no_partial(
     job = job_for(source, staging)
     progress = Progress()
     copied = run(job, progress)
-    assert copied == Copied(hashlib.sha256(data).hexdigest(), size, job.mtime_ns)
+    assert copied == Copied(
+        hashlib.sha256(data).hexdigest(), xxhash.xxh3_128_hexdigest(data), size, job.mtime_ns
+    )
     assert job.staged.read_bytes() == data
     assert stat.S_IMODE(os.stat(job.staged).st_mode) == 0o600
     assert leftovers(staging) == ["1"]

@@ -11,6 +11,9 @@ from dockd.journal.rows import FileRow, SessionRow, SkippedRow
 from dockd.journal.states import FileState, SessionState, check_file, check_session
 from dockd.offload.walk import Found, Skipped
 
+# what the offload records of a verified file: (row, sha256, copied_at[, xxh128])
+Verified = tuple[FileRow, str, str] | tuple[FileRow, str, str, str]
+
 # a file already verified for a camera (same path, size, mtime) is not offloaded again
 _DONE_STATES = (FileState.VERIFIED, FileState.STORED, FileState.CLEARED)
 
@@ -224,17 +227,18 @@ class OffloadJournal(Db):
         assert row is not None
         return FileRow.of(row)
 
-    def files_verified(self, done: Iterable[tuple[FileRow, str, str]]) -> None:
-        """Mark files verified in staging: (row, sha256, copied_at). One transaction for the
-        batch; each file's data and directory entry were fsynced before this is called."""
+    def files_verified(self, done: Iterable[Verified]) -> None:
+        """Mark files verified in staging: (row, sha256, copied_at[, xxh128]). One transaction
+        for the batch; each file's data and directory entry were fsynced before this is called."""
         now = utc_now()
         with self.tx():
-            for f, sha256, copied_at in done:
+            for f, sha256, copied_at, *more in done:
+                xxh128 = more[0] if more else None
                 self._set_file(f, FileState.VERIFIED)
                 self.conn.execute(
-                    "UPDATE files SET state = ?, sha256 = ?, verified_at = ?, error = NULL"
-                    " WHERE id = ?",
-                    (FileState.VERIFIED, sha256, now, f.id),
+                    "UPDATE files SET state = ?, sha256 = ?, xxh128 = ?, verified_at = ?,"
+                    " error = NULL WHERE id = ?",
+                    (FileState.VERIFIED, sha256, xxh128, now, f.id),
                 )
                 self.custody(
                     "file_offloaded",

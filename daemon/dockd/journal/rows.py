@@ -57,6 +57,7 @@ class FileRow:
     sha256: str | None
     key: str | None
     error: str | None
+    xxh128: str | None = None
 
     @classmethod
     def of(cls, row: sqlite3.Row) -> FileRow:
@@ -72,6 +73,7 @@ class FileRow:
             sha256=row["sha256"],
             key=row["key"],
             error=row["error"],
+            xxh128=row["xxh128"],
         )
 
 

@@ -90,4 +90,8 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     ) STRICT;
     """,
+    # 2: the xxh128 of each file, computed inline while copying, for the ASC MHL history
+    """
+    ALTER TABLE files ADD COLUMN xxh128 TEXT;
+    """,
 )

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import xxhash
+
 from dockd.errors import CameraGone, IntegrityError, ReadFailed, SourceChanged, StagingFull
 
 # errno values that mean the device went away rather than that one file is bad
@@ -51,6 +53,7 @@ class Progress:
 @dataclass(frozen=True)
 class Copied:
     sha256: str
+    xxh128: str  # for the ASC MHL history, which has no SHA-256 format; computed inline
     size: int
     mtime_ns: int
 
@@ -76,7 +79,7 @@ def copy_file(job: CopyJob, buf: bytearray, progress: Progress, cancel: threadin
     partial = job.staged.with_name(job.staged.name + ".partial")
     _unlink_quietly(partial)  # left by an earlier attempt or a crash: never evidence
     try:
-        digest = _copy(job, partial, buf, progress, cancel)
+        digest, xxh128 = _copy(job, partial, buf, progress, cancel)
         os.rename(partial, job.staged)
     except BaseException:
         _unlink_quietly(partial)
@@ -100,12 +103,13 @@ def copy_file(job: CopyJob, buf: bytearray, progress: Progress, cancel: threadin
         if not hmac.compare_digest(again, digest):
             _unlink_quietly(job.staged)
             raise SourceChanged(f"{job.source!r}: source re-read hashes differently from the copy")
-    return Copied(digest, job.size, job.mtime_ns)
+    return Copied(digest, xxh128, job.size, job.mtime_ns)
 
 
 def _copy(
     job: CopyJob, partial: Path, buf: bytearray, progress: Progress, cancel: threading.Event
-) -> str:
+) -> tuple[str, str]:
+    """Returns (SHA-256, xxh128) of the bytes written."""
     src = _open_source(job, cancel)
     try:
         before = os.fstat(src)
@@ -116,6 +120,7 @@ def _copy(
             raise _staging_error(exc, partial) from exc
         try:
             h = hashlib.sha256()
+            x = xxhash.xxh3_128()
             view = memoryview(buf)
             offset = 0
             while True:
@@ -126,6 +131,7 @@ def _copy(
                     break
                 chunk = view[:n]
                 h.update(chunk)
+                x.update(chunk)
                 _write_all(dst, chunk, partial)
                 offset += n
                 progress.bytes_done += n
@@ -137,7 +143,7 @@ def _copy(
                 os.fsync(dst)
             except OSError as exc:
                 raise _staging_error(exc, partial) from exc
-            return h.hexdigest()
+            return h.hexdigest(), x.hexdigest()
         finally:
             os.close(dst)
     finally:

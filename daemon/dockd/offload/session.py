@@ -29,6 +29,7 @@ from dockd.events import CameraStatus, Notice
 from dockd.events import Progress as ProgressEvent
 from dockd.ids import CameraId, SessionId, utc_now
 from dockd.journal import FileRow, FileState, SessionRow, SessionState
+from dockd.journal.offload import Verified
 from dockd.observers.log import get as get_log
 from dockd.offload.copy import CopyJob, Progress, copy_file, fsync_dir
 from dockd.offload.walk import Filter, Found, Skipped, walk
@@ -60,7 +61,7 @@ class CameraSession:
         self.session_id: SessionId | None = None
         self.state: SessionState | None = None
         self._progresses: list[Progress] = []  # one per copy worker (one writer each)
-        self._batch: list[tuple[FileRow, str, str]] = []
+        self._batch: list[Verified] = []
         self._last_flush = 0.0
         self._files_total = 0
         self._bytes_total = 0
@@ -198,7 +199,7 @@ class CameraSession:
         self._last_flush = time.monotonic()
         await asyncio.to_thread(fsync_dir, session_dir)
         await self.rt.journal(self.rt.journal.journal.files_verified, batch)
-        for f, _sha256, _ in batch:
+        for f, *_ in batch:
             self.rt.bus.publish(
                 Notice(
                     "file_verified", self.camera, self.session_id, {"path": f.path, "size": f.size}
@@ -223,7 +224,7 @@ class CameraSession:
 
     async def _copy_one(
         self, f: FileRow, session_dir: Path, buf: bytearray, progress: Progress
-    ) -> tuple[FileRow, str, str] | None:
+    ) -> Verified | None:
         """Copy one file with its retries. Returns what to record as verified, or None when
         the file was recorded failed/unstable. Raises CameraGone."""
         rt = self.rt
@@ -246,7 +247,7 @@ class CameraSession:
                 copied = await loop.run_in_executor(
                     rt.offload_pool, copy_file, job, buf, progress, self.cancel
                 )
-                return f, copied.sha256, utc_now()
+                return f, copied.sha256, utc_now(), copied.xxh128
             except CameraGone:
                 raise
             except StagingFull:
