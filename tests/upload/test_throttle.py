@@ -53,7 +53,7 @@ def test_a_chunk_larger_than_the_burst_waits_for_all_of_it() -> None:
 
 
 def test_workers_share_one_bucket_and_no_byte_is_lost_between_threads() -> None:
-    """The clock stands still, so every byte taken must show up as debt: 8 threads × 500
+    """The clock stands still, so every byte taken must show up as debt: 8 threads x 500
     takes, and the last one waits for all of them, exactly."""
     clock = FakeClock()
     waits: list[float] = []

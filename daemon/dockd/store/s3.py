@@ -1,22 +1,23 @@
 """The S3 store: evidence objects in a bucket (AWS S3, MinIO, Ceph RGW, SeaweedFS …).
 
 boto3 in worker threads, not aiobotocore: the Store protocol is blocking and already runs in
-the upload pool's threads, one hop per object as for the filesystem store; a boto3 client is
+the upload pool's threads, one hop per object as for the filesystem store; one boto3 client is
 thread-safe and shared by every worker; boto3/botocore is the reference client, while
 aiobotocore pins an exact botocore release and would put the part loop, the reads of staging
 and the bandwidth throttle on the event loop, which stays free of bulk I/O (STYLE).
 
 What this backend promises, and how:
 - Whole or nothing: one PutObject, or a multipart upload completed only after every part is in.
-- The server checks our SHA-256. A PutObject carries `ChecksumSHA256` (the journal's digest of
-  the staged copy), so a body that is not what the journal says is refused (BadDigest) and
-  never stored. Above `multipart_threshold`, each part carries its own SHA-256, the whole
-  file's SHA-256 is computed while the parts are read and must be the journal's before the
-  upload is completed, and the COMPOSITE checksum the server reports (SHA-256 of the part
-  digests, "-N") must be the one computed from our parts. Memory is one part per worker.
-- Never over an existing object: `IfNoneMatch="*"` on PutObject and CompleteMultipartUpload.
-  A 412 means the key is taken; the object there is compared with ours (its checksum, else a
-  read-back): the same bytes are success (a retry after a crash), other bytes StoreConflict.
+- The server checks our SHA-256. A PutObject carries `ChecksumSHA256`, the journal's digest of
+  the staged copy, so a body that is not what the journal says is refused (BadDigest) and
+  never stored. Above `multipart_threshold`, each part carries its own SHA-256; the whole
+  file's SHA-256, computed as the parts are read, must be the journal's before the upload is
+  completed; and the COMPOSITE checksum the server reports (SHA-256 of the part digests, "-N")
+  must be the one computed from our parts. Memory: one part per worker.
+- Never over an existing object: a HEAD first (for servers that ignore conditional writes),
+  then `IfNoneMatch="*"` on PutObject and CompleteMultipartUpload (for the race the HEAD
+  leaves). A key that is taken is compared with ours (its SHA-256, else a read-back): the
+  same bytes are success (a retry after a crash), other bytes StoreConflict, left as they are.
 - verify: `store.verify = "checksum"` compares the size and SHA-256 the server reports
   (HeadObject with ChecksumMode); a COMPOSITE checksum is compared with the one computed from
   our own parts, and where that is not known (a restart between put and verify) or the server
@@ -24,23 +25,16 @@ What this backend promises, and how:
 - Object Lock (`object_lock_mode` + `object_lock_days`): every object, the manifest included,
   is put with its mode and retain-until date. `start_up` refuses a lock on a bucket without
   Object Lock (ConfigError naming store.object_lock_mode, exit 78) before anything is written.
-- Retries: botocore's "standard" mode, bounded (MAX_ATTEMPTS), rides out one request's blips
-  (connection reset, 5xx, throttling); the durable queue in upload/worker.py is the outer retry,
-  with backoff, for as long as `upload.max_attempts` says. Errors are sorted for it: away
-  (connection, 5xx, throttling, refused credentials) → StoreUnavailable, retried; key taken by
-  other bytes → StoreConflict, staging not what the journal says → IntegrityError, never retried.
 - No orphaned parts: before a multipart upload of a key, unfinished uploads of that same key
-  (ours, from an attempt a crash or an outage cut short) are aborted, and a failed attempt
-  aborts its own; `start_up` aborts uploads under the prefix older than STALE_UPLOAD_S.
-- Secrets: the secret key is read from its file into the boto3 session and kept nowhere else;
-  nothing here logs or formats the session, the client or the credentials.
+  (ours: keys are per camera session, from an attempt that a crash or an outage cut short) are
+  aborted, and a failed attempt aborts its own; `start_up` aborts uploads under the prefix
+  older than STALE_UPLOAD_S.
+- Errors are sorted for the upload worker in s3_client.classify (retries are explained there).
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import errno
 import hashlib
 import hmac
 import io
@@ -49,226 +43,34 @@ import threading
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
-import boto3
-from botocore.config import Config as BotoConfig
-from botocore.exceptions import (
-    BotoCoreError,
-    ClientError,
-    ConnectionError,
-    CredentialRetrievalError,
-    HTTPClientError,
-    IncompleteReadError,
-    NoCredentialsError,
-    PartialCredentialsError,
-)
+from botocore.exceptions import BotoCoreError, ClientError
 
-from dockd import __version__
 from dockd.config import StoreConfig
 from dockd.errors import ConfigError, IntegrityError, StoreConflict, StoreError, StoreUnavailable
 from dockd.observers.log import get as get_log
 from dockd.store.base import ObjectInfo
+from dockd.store.s3_client import (
+    PacedBody,
+    ResponseFile,
+    b64,
+    classify,
+    composite_sha256,
+    error_code,
+    hex_to_b64,
+    make_client,
+    make_session,
+    part_size_for,
+)
 from dockd.upload.throttle import TokenBucket
-
-if TYPE_CHECKING:
-    from _typeshed import WriteableBuffer
 
 MULTIPART_THRESHOLD = 64 * 1024**2
 PART_SIZE = 16 * 1024**2
-MIN_PART_SIZE = 5 * 1024**2  # S3's floor for every part but the last
-MAX_PARTS = 10_000
 CHUNK = 4 * 1024 * 1024
-# Attempts per request inside botocore (the first included). Few on purpose: an outage longer
-# than a few seconds is the upload queue's to wait out, with the store shown unreachable.
-MAX_ATTEMPTS = 5
 STALE_UPLOAD_S = 24 * 3600.0
 _MANIFEST_RE = re.compile(r"[^/]+/[^/]+/manifest\.json")
-
-# Codes that mean "wait and try again", whatever their HTTP status.
-_AWAY_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestThrottled",
-        "RequestLimitExceeded",
-        "TooManyRequestsException",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "InternalError",
-        "ServiceUnavailable",
-        "NoSuchBucket",
-    }
-)
-# Refused credentials are "away" too: a person can fix the key or the bucket policy, and the
-# staged evidence must wait in the queue for that rather than be marked failed.
-_CREDENTIAL_CODES = frozenset(
-    {
-        "AccessDenied",
-        "SignatureDoesNotMatch",
-        "InvalidAccessKeyId",
-        "ExpiredToken",
-        "InvalidToken",
-        "TokenRefreshRequired",
-        "AllAccessDisabled",
-    }
-)
-
-
-def _b64(digest: bytes) -> str:
-    return base64.b64encode(digest).decode("ascii")
-
-
-def _code(exc: ClientError) -> tuple[str, int]:
-    err = exc.response.get("Error", {})
-    status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    return str(err.get("Code", "")), status
-
-
-def _classify(exc: BotoCoreError | ClientError, what: str) -> StoreError:
-    """The store error the upload worker acts on (module docstring: what is retried)."""
-    if isinstance(exc, NoCredentialsError | PartialCredentialsError | CredentialRetrievalError):
-        return StoreUnavailable(
-            f"{what}: no S3 credentials ({type(exc).__name__}): set store.access_key_id and "
-            "store.secret_access_key_file, or provide the standard AWS credential chain"
-        )
-    if isinstance(exc, ConnectionError | HTTPClientError | IncompleteReadError):
-        return StoreUnavailable(f"{what}: store unreachable ({exc})")
-    if isinstance(exc, BotoCoreError):
-        return StoreError(f"{what}: {exc}")
-    code, status = _code(exc)
-    if code in _CREDENTIAL_CODES or status == 403:
-        return StoreUnavailable(
-            f"{what}: the store refused the credentials or the access ({code or status}); "
-            "check store.access_key_id, store.secret_access_key_file and the bucket policy — "
-            "uploads wait and retry meanwhile"
-        )
-    if code in _AWAY_CODES or status >= 500 or status == 429:
-        return StoreUnavailable(f"{what}: store unavailable ({code or status})")
-    return StoreError(f"{what}: {code or status}: {exc.response.get('Error', {}).get('Message')}")
-
-
-def _read_secret(path: Path) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            secret = f.readline().rstrip("\r\n")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f'store.secret_access_key_file: "{path}" cannot be read ({exc})'
-        ) from None
-    if not secret:
-        raise ConfigError(f'store.secret_access_key_file: "{path}" has an empty first line')
-    return secret
-
-
-def make_session(cfg: StoreConfig) -> Any:
-    """A boto3 session: the configured key, or the standard AWS chain when none is given."""
-    if (cfg.access_key_id is None) != (cfg.secret_access_key_file is None):
-        raise ConfigError(
-            "store.access_key_id and store.secret_access_key_file go together "
-            "(or leave both out for the standard AWS credential chain)"
-        )
-    if cfg.access_key_id is not None and cfg.secret_access_key_file is not None:
-        return boto3.session.Session(
-            aws_access_key_id=cfg.access_key_id,
-            aws_secret_access_key=_read_secret(cfg.secret_access_key_file),
-            region_name=cfg.region,
-        )
-    return boto3.session.Session(region_name=cfg.region)
-
-
-def make_client(
-    session: Any,
-    cfg: StoreConfig,
-    *,
-    max_attempts: int = MAX_ATTEMPTS,
-    connections: int = 10,
-    connect_timeout: float = 10.0,
-) -> Any:
-    s3: dict[str, Any] = {
-        # The x-amz-checksum-sha256 header is signed and binds the body, so SigV4 need not
-        # hash the payload a second time (over http botocore would, re-reading every body).
-        "payload_signing_enabled": False,
-    }
-    if cfg.endpoint_url:
-        s3["addressing_style"] = "path"  # MinIO, Ceph, SeaweedFS: no bucket DNS names
-    config = BotoConfig(
-        retries={"mode": "standard", "max_attempts": max_attempts},
-        connect_timeout=connect_timeout,
-        read_timeout=60,
-        tcp_keepalive=True,
-        max_pool_connections=connections,
-        user_agent_extra=f"dockd/{__version__}",
-        s3=s3,
-    )
-    return session.client("s3", endpoint_url=cfg.endpoint_url, config=config)
-
-
-def part_size_for(size: int, part_size: int = PART_SIZE) -> int:
-    """`part_size`, doubled until the file fits in S3's 10 000 parts."""
-    ps = max(part_size, MIN_PART_SIZE)
-    while -(-size // ps) > MAX_PARTS:
-        ps *= 2
-    return ps
-
-
-def composite_sha256(part_digests: list[bytes]) -> str:
-    """S3's COMPOSITE checksum: base64 SHA-256 of the concatenated part digests, "-N"."""
-    return f"{_b64(hashlib.sha256(b''.join(part_digests)).digest())}-{len(part_digests)}"
-
-
-class _Paced(io.RawIOBase):
-    """A request body that pays the shared bandwidth bucket for every byte read from it."""
-
-    def __init__(self, raw: BinaryIO, throttle: TokenBucket) -> None:
-        self._raw = raw
-        self._throttle = throttle
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        return self._raw.seek(offset, whence)
-
-    def tell(self) -> int:
-        return self._raw.tell()
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        view = memoryview(buffer).cast("B")
-        data = self._raw.read(len(view))
-        view[: len(data)] = data
-        self._throttle.take(len(data))
-        return len(data)
-
-
-class _Body(io.RawIOBase):
-    """A GetObject body as a file; a connection lost mid-read is an OSError (EIO)."""
-
-    def __init__(self, body: Any, key: str) -> None:
-        self._body = body
-        self._key = key
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: WriteableBuffer) -> int:
-        view = memoryview(buffer).cast("B")
-        try:
-            data = self._body.read(len(view))
-        except BotoCoreError as exc:
-            raise OSError(errno.EIO, f"{self._key}: read from the store failed ({exc})") from exc
-        view[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if not self.closed:
-            with contextlib.suppress(BotoCoreError, OSError):
-                self._body.close()
-        super().close()
+_DIGEST_CODES = ("BadDigest", "InvalidDigest", "XAmzContentSHA256Mismatch")
 
 
 class S3Store:
@@ -301,7 +103,7 @@ class S3Store:
         endpoint = getattr(getattr(client, "meta", None), "endpoint_url", None) or "aws"
         self.name = f"s3:{endpoint}/{bucket}/{prefix}"
         self._lock_checked = object_lock_mode is None
-        self._composites: dict[str, str] = {}  # full key -> composite of parts we sent
+        self._composites: dict[str, str] = {}  # full key -> composite of the parts we sent
         self._mutex = threading.Lock()
         self._log = get_log(store=self.name)
 
@@ -328,13 +130,11 @@ class S3Store:
     def __repr__(self) -> str:
         return f"S3Store({self.name!r})"
 
-    # -- keys --------------------------------------------------------------------------------
-
     def _full(self, key: str) -> str:
         parts = key.split("/")
         if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
             raise StoreError(f"{key!r}: not a safe store key")
-        return self.prefix + key
+        return self.prefix + key  # joined verbatim (SPEC §4): "evidence/" + "X6…/…"
 
     # -- start-up ----------------------------------------------------------------------------
 
@@ -363,25 +163,25 @@ class S3Store:
                 self._log.info("stale_uploads_aborted", count=n)
 
     def _lock_problem(self, client: Any, *, denied_ok: bool = False) -> str | None:
-        """What is wrong with the bucket for the configured lock, None if nothing.
+        """What is wrong with the bucket for the configured lock; None if nothing.
 
-        `denied_ok`: without the right to read the lock configuration, go on. The puts carry
-        the lock headers, and a bucket without Object Lock refuses those: nothing unlocked
-        can be stored either way.
+        `denied_ok`: without the right to read the lock configuration, go on: every put
+        carries the lock headers, which a bucket without Object Lock refuses, so nothing
+        unlocked can be stored either way.
         """
         why = None
         try:
             got = client.get_object_lock_configuration(Bucket=self.bucket)
         except ClientError as exc:
-            code, status = _code(exc)
+            code, status = error_code(exc)
             if denied_ok and status == 403:
-                self._log.warning("object_lock_unchecked", error=str(_classify(exc, "")))
+                self._log.warning("object_lock_unchecked", error=str(classify(exc, "")))
                 return None
             if code != "ObjectLockConfigurationNotFoundError":
-                raise _classify(exc, f"bucket {self.bucket}") from exc
+                raise classify(exc, f"bucket {self.bucket}") from exc
             why = "has no Object Lock configuration"
         except BotoCoreError as exc:
-            raise _classify(exc, f"bucket {self.bucket}") from exc
+            raise classify(exc, f"bucket {self.bucket}") from exc
         else:
             if got.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") != "Enabled":
                 why = "does not have Object Lock enabled"
@@ -419,25 +219,25 @@ class S3Store:
                         self._abort(self._quick, up["Key"], up["UploadId"])
                         n += 1
         except (ClientError, BotoCoreError) as exc:
-            raise _classify(exc, f"bucket {self.bucket}: listing multipart uploads") from exc
+            raise classify(exc, f"bucket {self.bucket}: listing multipart uploads") from exc
         return n
 
     def _abort(self, client: Any, full: str, upload_id: str) -> None:
         try:
             client.abort_multipart_upload(Bucket=self.bucket, Key=full, UploadId=upload_id)
         except ClientError as exc:
-            if _code(exc)[0] != "NoSuchUpload":
+            if error_code(exc)[0] != "NoSuchUpload":
                 raise
 
-    def _abort_unfinished(self, full: str) -> None:
-        """Abort every unfinished multipart upload of exactly this key (a cut-short attempt)."""
+    def _abort_unfinished(self, key: str, full: str) -> None:
+        """Abort every unfinished multipart upload of exactly this key."""
         try:
             got = self._s3.list_multipart_uploads(Bucket=self.bucket, Prefix=full)
             for up in got.get("Uploads", []):
                 if up["Key"] == full:
                     self._abort(self._s3, full, up["UploadId"])
         except (ClientError, BotoCoreError) as exc:
-            raise _classify(exc, f"{full}: aborting an unfinished upload") from exc
+            raise classify(exc, f"{key}: aborting an unfinished upload") from exc
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -450,8 +250,7 @@ class S3Store:
                 f"{key}: staged copy {source} is missing; nothing verified to send"
             ) from None
         with f:
-            actual = f.seek(0, io.SEEK_END)
-            f.seek(0)
+            actual = _size(f)
             if actual != size:
                 raise IntegrityError(f"{key}: staged copy is {actual} bytes, journal says {size}")
             self._ensure_lock()
@@ -463,8 +262,9 @@ class S3Store:
     def put_bytes(self, key: str, data: bytes, sha256: str) -> None:
         full = self._full(key)
         self._ensure_lock()
+        body = io.BytesIO(data)
         self._put_single(
-            key, full, io.BytesIO(data), sha256, len(data), lambda: hashlib.sha256(data).hexdigest()
+            key, full, body, sha256, len(data), lambda: hashlib.sha256(data).hexdigest()
         )
 
     def _object_args(self) -> dict[str, Any]:
@@ -476,8 +276,8 @@ class S3Store:
             args["ObjectLockRetainUntilDate"] = datetime.now(UTC) + timedelta(days=self.lock_days)
         return args
 
-    def _body(self, raw: BinaryIO) -> BinaryIO | _Paced:
-        return raw if self.throttle is None else _Paced(raw, self.throttle)
+    def _body(self, raw: BinaryIO) -> BinaryIO | PacedBody:
+        return raw if self.throttle is None else PacedBody(raw, self.throttle)
 
     def _put_single(
         self,
@@ -488,26 +288,29 @@ class S3Store:
         size: int,
         local_sha256: Callable[[], str],
     ) -> None:
+        if self._existing(key, full, sha256, size):
+            return
         try:
             self._s3.put_object(
                 Bucket=self.bucket,
                 Key=full,
                 Body=self._body(raw),
                 ContentLength=size,
-                ChecksumSHA256=_b64(bytes.fromhex(sha256)),
+                ChecksumSHA256=hex_to_b64(sha256),
                 IfNoneMatch="*",
                 **self._object_args(),
             )
         except ClientError as exc:
-            code, status = _code(exc)
+            code, status = error_code(exc)
             if status == 412 or code == "PreconditionFailed":
-                self._same_or_conflict(key, full, sha256, size)
+                if not self._existing(key, full, sha256, size):
+                    raise StoreUnavailable(f"{key}: the key was taken, then not found") from exc
                 return
-            if code in ("BadDigest", "XAmzContentSHA256Mismatch", "InvalidDigest"):
+            if code in _DIGEST_CODES:
                 raise self._bad_digest(key, sha256, local_sha256()) from exc
-            raise _classify(exc, key) from exc
+            raise classify(exc, key) from exc
         except BotoCoreError as exc:
-            raise _classify(exc, key) from exc
+            raise classify(exc, key) from exc
 
     def _bad_digest(self, key: str, sha256: str, local: str) -> StoreError | IntegrityError:
         """The server found the body does not hash to the journal's SHA-256: whose fault?"""
@@ -519,23 +322,21 @@ class S3Store:
         )
 
     def _put_multipart(self, key: str, full: str, f: BinaryIO, sha256: str, size: int) -> None:
-        exists = self._head(full) is not None
-        self._abort_unfinished(full)
-        if exists:  # a retry after a crash that came after the completion
-            self._same_or_conflict(key, full, sha256, size, f)
+        done = self._existing(key, full, sha256, size, f)
+        self._abort_unfinished(key, full)
+        if done:
             return
         try:
             upload_id = self._s3.create_multipart_upload(
                 Bucket=self.bucket, Key=full, ChecksumAlgorithm="SHA256", **self._object_args()
             )["UploadId"]
         except (ClientError, BotoCoreError) as exc:
-            raise _classify(exc, key) from exc
+            raise classify(exc, key) from exc
         try:
             composite = self._send_parts(key, full, upload_id, f, sha256, size)
         except BaseException:
             # best effort; the next attempt lists and aborts whatever this one left
-            with contextlib.suppress(ClientError, BotoCoreError):
-                self._abort(self._s3, full, upload_id)
+            self._abort_quietly(full, upload_id)
             raise
         with self._mutex:
             self._composites[full] = composite
@@ -547,10 +348,9 @@ class S3Store:
         whole = hashlib.sha256()
         digests: list[bytes] = []
         parts: list[dict[str, Any]] = []
-        number = 0
+        f.seek(0)
         try:
             while data := f.read(ps):
-                number += 1
                 whole.update(data)
                 digest = hashlib.sha256(data).digest()
                 digests.append(digest)
@@ -558,21 +358,21 @@ class S3Store:
                     Bucket=self.bucket,
                     Key=full,
                     UploadId=upload_id,
-                    PartNumber=number,
+                    PartNumber=len(digests),
                     Body=self._body(io.BytesIO(data)),
                     ContentLength=len(data),
-                    ChecksumSHA256=_b64(digest),
+                    ChecksumSHA256=b64(digest),
                 )
                 parts.append(
-                    {"PartNumber": number, "ETag": got["ETag"], "ChecksumSHA256": _b64(digest)}
+                    {"PartNumber": len(digests), "ETag": got["ETag"], "ChecksumSHA256": b64(digest)}
                 )
-                del data
+                del data  # one part in memory at a time
         except ClientError as exc:
-            if _code(exc)[0] in ("BadDigest", "InvalidDigest"):
-                raise StoreUnavailable(f"{key}: part {number} arrived damaged") from exc
-            raise _classify(exc, key) from exc
+            if error_code(exc)[0] in _DIGEST_CODES:  # we hashed exactly the bytes we sent
+                raise StoreUnavailable(f"{key}: part {len(digests)} arrived damaged") from exc
+            raise classify(exc, key) from exc
         except BotoCoreError as exc:
-            raise _classify(exc, key) from exc
+            raise classify(exc, key) from exc
         local = whole.hexdigest()
         if not hmac.compare_digest(local, sha256):
             raise IntegrityError(
@@ -589,17 +389,16 @@ class S3Store:
                 IfNoneMatch="*",
             )
         except ClientError as exc:
-            code, status = _code(exc)
-            if status == 412 or code == "PreconditionFailed" or code == "NoSuchUpload":
+            code, status = error_code(exc)
+            if status == 412 or code in ("PreconditionFailed", "NoSuchUpload"):
                 # taken meanwhile, or completed by an earlier try whose answer was lost
                 self._abort_quietly(full, upload_id)
-                if code == "NoSuchUpload" and self._head(full) is None:
+                if not self._existing(key, full, sha256, size, composite=composite):
                     raise StoreUnavailable(f"{key}: the multipart upload vanished") from exc
-                self._same_or_conflict(key, full, sha256, size, known_composite=composite)
                 return composite
-            raise _classify(exc, key) from exc
+            raise classify(exc, key) from exc
         except BotoCoreError as exc:
-            raise _classify(exc, key) from exc
+            raise classify(exc, key) from exc
         reported = done.get("ChecksumSHA256")
         if reported is not None and reported != composite:
             raise IntegrityError(
@@ -611,29 +410,29 @@ class S3Store:
         with contextlib.suppress(ClientError, BotoCoreError):
             self._abort(self._s3, full, upload_id)
 
-    def _same_or_conflict(
+    def _existing(
         self,
         key: str,
         full: str,
         sha256: str,
         size: int,
         f: BinaryIO | None = None,
-        known_composite: str | None = None,
-    ) -> None:
-        """The key is taken: our bytes already (a retry) is success; anything else a conflict."""
-        head = self._head(full)
+        composite: str | None = None,
+    ) -> bool:
+        """False if the key is free; True if it holds exactly our bytes; else StoreConflict."""
+        head = self._head(key, full)
         if head is None:
-            raise StoreUnavailable(f"{key}: the store said the key was taken, then not found")
+            return False
         if head["ContentLength"] != size:
             raise StoreConflict(
                 f"{key}: already in the store with other content ({head['ContentLength']} "
                 f"bytes, expected {size}); left as it is"
             )
-        same = self._matches(key, full, head.get("ChecksumSHA256"), sha256, f, known_composite)
-        if not same:
+        if not self._same(key, full, head.get("ChecksumSHA256"), sha256, f, composite):
             raise StoreConflict(f"{key}: already in the store with other content; left as it is")
+        return True
 
-    def _matches(
+    def _same(
         self,
         key: str,
         full: str,
@@ -643,40 +442,47 @@ class S3Store:
         composite: str | None,
     ) -> bool:
         if stored is not None and "-" not in stored:
-            return hmac.compare_digest(stored, _b64(bytes.fromhex(sha256)))
+            return hmac.compare_digest(stored, hex_to_b64(sha256))
         if stored is not None and composite is None and f is not None:
-            f.seek(0)
             local, composite = _hash_file(f, part_size_for(_size(f), self.part_size))
             if not hmac.compare_digest(local, sha256):
                 raise IntegrityError(
                     f"{key}: staged copy hashes to {local[:16]}…, journal says {sha256[:16]}…"
                 )
-        if stored is not None and composite is not None and stored == composite:
+        if stored is not None and stored == composite:
             return True
-        # no checksum from the server, or parts of another size: read it back
+        # no SHA-256 from the server, or parts of another size: read it back
         got, _n = self._read_back(key, full)
         return hmac.compare_digest(got, sha256)
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _head(self, full: str) -> dict[str, Any] | None:
+    def _head(self, key: str, full: str) -> dict[str, Any] | None:
         try:
             got: dict[str, Any] = self._s3.head_object(
                 Bucket=self.bucket, Key=full, ChecksumMode="ENABLED"
             )
         except ClientError as exc:
-            code, status = _code(exc)
+            code, status = error_code(exc)
             if status == 404 and code != "NoSuchBucket":
                 return None
-            raise _classify(exc, full) from exc
+            raise classify(exc, key) from exc
         except BotoCoreError as exc:
-            raise _classify(exc, full) from exc
+            raise classify(exc, key) from exc
         return got
 
     def verify(self, key: str, sha256: str, size: int) -> str:
         full = self._full(key)
+        with self._mutex:
+            composite = self._composites.get(full)
+        method = self._verify(key, full, sha256, size, composite)
+        with self._mutex:
+            self._composites.pop(full, None)
+        return method
+
+    def _verify(self, key: str, full: str, sha256: str, size: int, composite: str | None) -> str:
         if self.verify_mode == "checksum":
-            head = self._head(full)
+            head = self._head(key, full)
             if head is None:
                 raise StoreError(f"{key}: missing from the store")
             if head["ContentLength"] != size:
@@ -684,16 +490,12 @@ class S3Store:
                     f"{key}: {head['ContentLength']} bytes in the store, expected {size}"
                 )
             stored = head.get("ChecksumSHA256")
-            with self._mutex:
-                composite = self._composites.get(full)
-            expected = _b64(bytes.fromhex(sha256)) if stored and "-" not in stored else composite
+            expected = hex_to_b64(sha256) if stored and "-" not in stored else composite
             if stored is not None and expected is not None:
                 if not hmac.compare_digest(stored, expected):
                     raise IntegrityError(
                         f"{key}: the store's SHA-256 is {stored}, expected {expected}"
                     )
-                with self._mutex:
-                    self._composites.pop(full, None)
                 return "checksum"
             # the server reports no SHA-256, or parts we no longer know: read it back
         got, n = self._read_back(key, full)
@@ -703,8 +505,6 @@ class S3Store:
             raise IntegrityError(
                 f"{key}: store copy hashes to {got[:16]}…, expected {sha256[:16]}…"
             )
-        with self._mutex:
-            self._composites.pop(full, None)
         return "readback"
 
     def _read_back(self, key: str, full: str) -> tuple[str, int]:
@@ -726,16 +526,16 @@ class S3Store:
         try:
             got = self._s3.get_object(Bucket=self.bucket, Key=full)
         except ClientError as exc:
-            code, status = _code(exc)
+            code, status = error_code(exc)
             if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
                 raise StoreError(f"{key}: missing from the store") from None
-            raise _classify(exc, key) from exc
+            raise classify(exc, key) from exc
         except BotoCoreError as exc:
-            raise _classify(exc, key) from exc
-        return io.BufferedReader(_Body(got["Body"], key), CHUNK)
+            raise classify(exc, key) from exc
+        return io.BufferedReader(ResponseFile(got["Body"], key), CHUNK)
 
     def stat(self, key: str) -> ObjectInfo | None:
-        head = self._head(self._full(key))
+        head = self._head(key, self._full(key))
         return None if head is None else ObjectInfo(key, int(head["ContentLength"]))
 
     def manifests(self) -> Iterator[str]:
@@ -748,17 +548,17 @@ class S3Store:
                     if _MANIFEST_RE.fullmatch(rel):
                         yield rel
         except (ClientError, BotoCoreError) as exc:
-            raise _classify(exc, f"bucket {self.bucket}") from exc
+            raise classify(exc, f"bucket {self.bucket}") from exc
 
     def check(self) -> None:
         try:
             self._s3.head_bucket(Bucket=self.bucket)
         except ClientError as exc:
-            if _code(exc)[1] == 404:
+            if error_code(exc)[1] == 404:
                 raise StoreUnavailable(f'bucket "{self.bucket}" not found') from exc
-            raise _classify(exc, f"bucket {self.bucket}") from exc
+            raise classify(exc, f"bucket {self.bucket}") from exc
         except BotoCoreError as exc:
-            raise _classify(exc, f"bucket {self.bucket}") from exc
+            raise classify(exc, f"bucket {self.bucket}") from exc
 
 
 def _size(f: BinaryIO) -> int:
@@ -769,12 +569,11 @@ def _size(f: BinaryIO) -> int:
 
 
 def _hash_file(f: BinaryIO, part_size: int | None = None) -> tuple[str, str | None]:
-    """SHA-256 of the whole file and, given a part size, the COMPOSITE of its parts."""
+    """SHA-256 of the whole file and, given a part size, the COMPOSITE of those parts."""
     f.seek(0)
     whole = hashlib.sha256()
     digests: list[bytes] = []
-    step = part_size or CHUNK
-    while data := f.read(step):
+    while data := f.read(part_size or CHUNK):
         whole.update(data)
         if part_size:
             digests.append(hashlib.sha256(data).digest())
