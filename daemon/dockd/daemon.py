@@ -410,8 +410,11 @@ class Daemon:
                 docked=sorted(self.docked),
                 offloading=sorted(self._session_tasks),
             )
+            # not wait_for: on 3.11 it swallows a cancel that lands as the event is set, and the
+            # shutdown (TaskGroup cancel) would then wait on this task for ever
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(rt.problems.changed.wait(), 30)
+                async with asyncio.timeout(30):
+                    await rt.problems.changed.wait()
 
     def _write_status_soon(self) -> None:
         if self.rt is not None:
@@ -439,12 +442,13 @@ class Daemon:
         """Stop sources, then let each camera's chunk in hand finish or park: cancelling a
         session's copy makes it discard the partial file and record the session interrupted."""
         self.log.info("daemon_stopping")
-        self.bus.publish(Notice("daemon_stopping"))  # sd_notify STOPPING=1
         for source in sources:
             with contextlib.suppress(SourceError, OSError):
                 await source.stop()
         for session in self.sessions.values():
             session.park()
+        # sd_notify STOPPING=1: from here on no camera file is read past the chunk in hand
+        self.bus.publish(Notice("daemon_stopping"))
         tasks = list(self._session_tasks.values())
         if tasks:
             await asyncio.wait(tasks, timeout=30)

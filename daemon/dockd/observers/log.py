@@ -17,6 +17,8 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+# lifecycle notices for sd_notify and friends; the daemon logs these itself, with more detail
+_LOGGED_BY_DAEMON = frozenset({"daemon_ready", "daemon_stopping"})
 _WARN_SUFFIXES = ("error", "refused", "unreachable", "failed", "conflict", "low")
 
 
@@ -68,7 +70,7 @@ async def log_events(sub: Subscription, dock_id: str) -> None:
                 safe_to_undock=event.safe_to_undock,
                 error=event.error,
             )
-        elif isinstance(event, Notice):
+        elif isinstance(event, Notice) and event.event not in _LOGGED_BY_DAEMON:
             warn = event.event.endswith(_WARN_SUFFIXES)
             (log.warning if warn else log.info)(
                 event.event, camera=event.camera, session_id=event.session_id, **event.details

@@ -202,7 +202,6 @@ class MetricsObserver:
         ProcessCollector(registry=self.registry)  # memory and fds, for a daemon up for years
         PlatformCollector(registry=self.registry)
         self.server: WSGIServer | None = None
-        self.bound = asyncio.Event()  # set once listening (tests wait on it)
         self._log = get_log(dock_id=config.dock.id)
 
     async def run(self, sub: Subscription) -> None:
@@ -235,7 +234,6 @@ class MetricsObserver:
                 await asyncio.sleep(delay)
                 delay = min(LISTEN_RETRY_MAX_S, delay * 2)
         self._log.info("metrics_listening", listen=self.listen)
-        self.bound.set()
 
     def _stop(self) -> None:
         server, self.server = self.server, None

@@ -4,16 +4,17 @@ loop is alive, and that it is stopping.
 Why our own twenty lines rather than a library: the protocol is one datagram of `KEY=VALUE`
 lines to the AF_UNIX socket named in `$NOTIFY_SOCKET` (a leading `@` means the Linux abstract
 namespace); the kernel adds the sender's credentials itself. The python-systemd binding needs
-libsystemd's headers and a compiler to install, for nothing we would use; the pure-Python
-packages on PyPI are unmaintained one-file copies of what follows.
+libsystemd's headers and a compiler to install, for one call; a pure-Python package would be a
+dependency for less code than this module, and still not know our event loop.
 
 - `READY=1` is sent on the daemon's `daemon_ready` notice, which the daemon publishes once the
   journal is open, crash recovery is done and the sources run.
 - `STATUS=` is one line of what the dock is doing, sent whenever it changes.
 - `WATCHDOG=1` is sent by a task on the event loop every half of `$WATCHDOG_USEC`: a blocked
   loop sends nothing, and systemd (`WatchdogSec=`) restarts the service.
-- `STOPPING=1` when the daemon starts its shutdown (the `daemon_stopping` notice), or at the
-  latest when this observer is cancelled by the shutdown.
+- `STOPPING=1` when the daemon has begun its shutdown: sources stopped, every session told to
+  park after the chunk in hand (the `daemon_stopping` notice); at the latest when this observer
+  is cancelled by the shutdown.
 
 Without `$NOTIFY_SOCKET` every send is a no-op. The socket is non-blocking: a message systemd
 cannot take at once is dropped, never waited for on the event loop.
@@ -33,7 +34,7 @@ from dockd.observers.log import get as get_log
 from dockd.units import format_size
 
 STATUS_CAMERAS_SHOWN = 3  # the STATUS line stays short enough for `systemctl status`
-_ACTIVE = {"offloading": "offloading", "uploading": "uploading"}
+_ACTIVE_STATES = {"offloading", "uploading"}
 _IDLE_STATES = {"offloaded", "uploaded", "cleared", "undocked", "refused", "error", "docked"}
 
 
@@ -115,11 +116,9 @@ class DockActivity:
         if isinstance(event, DockStatus):
             self.dock = event
         elif isinstance(event, CameraStatus):
-            if event.state in _ACTIVE:
-                self.active[event.camera] = (
-                    _ACTIVE[event.state],
-                    _percent(event.bytes_done, event.bytes_total),
-                )
+            if event.state in _ACTIVE_STATES:
+                pct = _percent(event.bytes_done, event.bytes_total)
+                self.active[event.camera] = (event.state, pct)
             elif event.state in _IDLE_STATES:
                 self.active.pop(event.camera, None)
         elif isinstance(event, Progress):
@@ -149,7 +148,7 @@ class DockActivity:
             else:
                 parts.append("queue empty")
             if q.failed:
-                parts.append(f"{q.failed} upload failed")
+                parts.append(f"{q.failed} upload{'' if q.failed == 1 else 's'} failed")
         text = ", ".join(parts) or "ready"
         if dock is not None and dock.problems:
             text = f"degraded ({'; '.join(dock.problems)}): {text}"

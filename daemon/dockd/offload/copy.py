@@ -151,11 +151,29 @@ def _copy(
 
 
 def _open_source(job: CopyJob, cancel: threading.Event) -> int:
+    """Open with a bounded retry of EWOULDBLOCK (a file under another process's lease)."""
+    for attempt in range(1, job.read_attempts + 1):
+        try:
+            return _open_source_once(job, cancel)
+        except BlockingIOError as exc:
+            if attempt == job.read_attempts:
+                raise ReadFailed(
+                    f"{job.source!r}: held by another process (lease) through {attempt} attempts"
+                ) from exc
+            if cancel.wait(min(0.1 * 2**attempt, 2.0)):
+                raise CameraGone(f"{job.source!r}: camera undocked during copy") from exc
+    raise AssertionError("unreachable")
+
+
+def _open_source_once(job: CopyJob, cancel: threading.Event) -> int:
     # O_NONBLOCK: a FIFO put where the file was must not hang the open waiting for a writer. It
-    # changes nothing for a regular file and is cleared once the source is known to be one.
+    # changes nothing for a regular file and is cleared once the source is known to be one; a
+    # file under a lease answers EWOULDBLOCK instead of blocking, and the caller retries.
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
     try:
         fd = os.open(job.source, flags)
+    except BlockingIOError:
+        raise
     except OSError as exc:
         if cancel.is_set():
             raise CameraGone(f"{job.source!r}: camera gone ({exc.strerror})") from exc
