@@ -30,7 +30,7 @@ import math
 import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -51,7 +51,7 @@ KEEPALIVE_S = 30
 RECONNECT_MIN_S = 1  # paho doubles the wait after each failure, up to the max
 RECONNECT_MAX_S = 30
 EVENTS_BACKLOG = 1000  # events kept while the broker is away; older ones are dropped, counted
-EVENTS_IN_FLIGHT = 20  # events handed to paho and not yet acknowledged
+EVENTS_IN_FLIGHT = 100  # events handed to paho and not yet acknowledged (a window, as TCP)
 STOP_FLUSH_S = 3.0  # a clean stop waits this long for `offline` to be acknowledged
 RATE_TAU_S = 5.0  # time constant of the smoothed transfer rate
 COMPLAIN_EVERY_S = 600.0  # the same connection failure is logged again after this long
@@ -71,7 +71,8 @@ MOVING = {"offloading", "uploading", "clearing"}
 FINISHED = {"offloaded", "uploaded", "cleared"}
 OFFLOAD_ACTIVE = {"docked", "offloading"}
 
-_PRIVATE_KEY = re.compile(r"sha|hash|digest|checksum|officer", re.IGNORECASE)
+_HASH_KEY = re.compile(r"sha|hash|digest|checksum", re.IGNORECASE)
+_OFFICER_KEY = re.compile(r"officer", re.IGNORECASE)
 _HEX_HASH = re.compile(r"(?<![0-9A-Fa-f])[0-9A-Fa-f]{64,}(?![0-9A-Fa-f])")
 _B64_SHA256 = re.compile(r"(?<![A-Za-z0-9+/])[A-Za-z0-9+/]{43}=")
 
@@ -81,30 +82,46 @@ Json = dict[str, Any]
 # ---- what is said: pure functions over events -------------------------------------------------
 
 
-def scrub(text: str, officers: Iterable[str] = ()) -> str:
-    """Free text with hashes (and the given officer ids) blanked."""
+@dataclass(frozen=True)
+class Privacy:
+    """What may not leave the dock: hashes always; officer ids unless `publish_officer`."""
+
+    publish_officer: bool = False
+    officers: tuple[str, ...] = ()  # the configured officer ids, blanked in free text
+
+    @classmethod
+    def of(cls, config: Config) -> Privacy:
+        if config.mqtt.publish_officer:
+            return cls(True)
+        return cls(False, tuple(f.officer for f in config.cameras.values() if f.officer))
+
+
+def scrub(text: str, privacy: Privacy = Privacy()) -> str:
+    """Free text with hashes (and officer ids, unless published) blanked."""
     text = _B64_SHA256.sub("[hash removed]", _HEX_HASH.sub("[hash removed]", text))
-    for officer in officers:
+    for officer in privacy.officers:
         if len(officer) >= 3:
             text = text.replace(officer, "[officer removed]")
     return text
 
 
-def clean(value: Any, officers: Iterable[str] = ()) -> Any:
+def clean(value: Any, privacy: Privacy = Privacy()) -> Any:
     """`value` as JSON data without private keys or hashes (event details come from anywhere
     in the daemon; this is the one place that decides what of them may leave the dock)."""
-    officers = tuple(officers)
     if isinstance(value, str):
-        return scrub(value, officers)
+        return scrub(value, privacy)
     if value is None or isinstance(value, bool | int | float):
         return value
     if isinstance(value, Mapping):
         return {
-            str(k): clean(v, officers) for k, v in value.items() if not _PRIVATE_KEY.search(str(k))
+            str(k): clean(v, privacy)
+            for k, v in value.items()
+            if not _HASH_KEY.search(str(k))
+            and (privacy.publish_officer or not _OFFICER_KEY.search(str(k)))
         }
     if isinstance(value, list | tuple | set | frozenset):
-        return [clean(v, officers) for v in value]
-    return scrub(str(value), officers)
+        return [clean(v, privacy) for v in value]
+    return scrub(str(value), privacy)
 
 
 def _seconds(at: str) -> float:
@@ -155,22 +172,24 @@ class CameraView:
     updated_at: str = ""
     rate: RateMeter = field(default_factory=RateMeter)
 
-    def apply_status(self, ev: CameraStatus) -> bool:
-        """Fold a state change in; False if it is about an older session of this camera while
-        a new one is being offloaded (the bay shows the camera that is in it)."""
+    def apply_status(self, ev: CameraStatus) -> bool | None:
+        """Fold a state change in: True if the state (session, safety, error) changed, False
+        if it repeats the current one, None if it is ignored: it is about an older session of
+        this camera while a new one is being offloaded (the bay shows the camera in it)."""
         if (
             self.session_id is not None
             and ev.session_id != self.session_id
             and self.state in OFFLOAD_ACTIVE
             and ev.state not in OFFLOAD_ACTIVE
         ):
-            return False
+            return None
+        before = (self.state, self.session_id, self.safe_to_undock, self.error)
         same_session = ev.session_id == self.session_id
         phase = PHASE.get(ev.state, self.phase if same_session else "offload")
         self._counters(ev.session_id, phase, ev)
         self.state, self.safe_to_undock, self.error = ev.state, ev.safe_to_undock, ev.error
         self.updated_at = ev.at
-        return True
+        return (self.state, self.session_id, self.safe_to_undock, self.error) != before
 
     def apply_progress(self, ev: Progress) -> bool:
         """Fold progress in; False unless it counts this bay's current, unfinished phase."""
@@ -261,9 +280,9 @@ def event_payload(notice: Notice, officer: str | None = None, with_officer: bool
     return out
 
 
-def encode(payload: Json, officers: Iterable[str] = ()) -> bytes:
+def encode(payload: Json, privacy: Privacy = Privacy()) -> bytes:
     """The wire form of every JSON payload: cleaned, then compact UTF-8."""
-    data = clean(payload, officers)
+    data = clean(payload, privacy)
     return json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -352,6 +371,7 @@ class Link:
 
     def __init__(self, config: Config, base: str, loop: asyncio.AbstractEventLoop) -> None:
         cfg = config.mqtt
+        self.base = base
         self.host, self.port = cfg.host, cfg.port
         self.broker = f"{cfg.host}:{cfg.port}"
         self.client_id = f"dockd-{config.dock.id}"
@@ -457,8 +477,8 @@ class Link:
         if code in NOT_AUTHORIZED:
             self._complain(
                 "mqtt_not_authorized",
-                f"broker {self.broker} refused the connection: not authorized ({reason}); "
-                "check mqtt.username and mqtt.password_file",
+                f"broker {self.broker} refused the connection: not authorized (MQTT reason "
+                f"{code}, {reason!r}); check mqtt.username and mqtt.password_file",
             )
         else:
             self._complain("mqtt_refused", f"broker {self.broker} refused the connection: {reason}")
@@ -484,6 +504,7 @@ class MqttObserver:
 
     def __init__(self, config: Config, *, backlog: int = EVENTS_BACKLOG) -> None:
         self._config = config
+        self._privacy = Privacy.of(config)
         self._backlog = backlog
         self._log = get_log(dock_id=config.dock.id)
         self._views: dict[str, CameraView] = {}
@@ -494,6 +515,7 @@ class MqttObserver:
         self._shown_at: dict[str, float] = {}
         self._bus_dropped = 0
         self._idle = asyncio.Event()
+        self._running = False
 
     @property
     def base(self) -> str:
@@ -501,24 +523,32 @@ class MqttObserver:
 
     async def run(self, sub: Subscription) -> None:
         self._render_all()
-        await self._start_link()
+        self._running = True
         try:
+            await self._start_link()
             async for event in sub:
                 self._take(event)
                 self._out.dropped += sub.dropped - self._bus_dropped
                 self._bus_dropped = sub.dropped
                 self._pump()
         finally:
+            self._running = False
             for event in sub.drain():  # the last states before a stop
                 self._take(event)
             await self._stop_link()
 
     async def reconfigure(self, config: Config) -> None:
-        """SIGHUP: take a new configuration. Broker, credentials, TLS or topics changed: say
-        `offline` and reconnect with the new ones; anything else applies in place."""
+        """SIGHUP: take a new configuration. Broker, credentials, TLS or topics changed, or the
+        connection is not up (a rotated password, a fixed certificate): say `offline` where
+        possible and connect afresh; anything else (progress_interval, publish_officer,
+        homeassistant_discovery, officers) applies in place."""
         old, self._config = self._config, config
+        self._privacy = Privacy.of(config)
         self._log = get_log(dock_id=config.dock.id)
-        if _link_settings(old) != _link_settings(config) or self._link is None:
+        if not self._running:
+            return  # `run` starts with this configuration
+        link = self._link
+        if _link_settings(old) != _link_settings(config) or link is None or not link.connected:
             await self._stop_link()
             self._out = self._out.events_only()
             self._render_all()
@@ -546,15 +576,16 @@ class MqttObserver:
             self._dock = event
             self._show_state()
         elif isinstance(event, CameraStatus):
-            if self._view(event.camera).apply_status(event):
-                self._show_camera(event.camera, at_once=True)
+            changed = self._view(event.camera).apply_status(event)
+            if changed is not None:
+                self._show_camera(event.camera, at_once=changed)
         elif isinstance(event, Progress):
             if self._view(event.camera).apply_progress(event):
                 self._show_camera(event.camera, at_once=False)
         else:
             pub = self._config.mqtt.publish_officer
             officer = self._config.officer(event.camera) if event.camera else None
-            self._out.add_event(encode(event_payload(event, officer, pub), self._officers()))
+            self._out.add_event(encode(event_payload(event, officer, pub), self._privacy))
 
     def _view(self, camera: str) -> CameraView:
         view = self._views.get(camera)
@@ -564,11 +595,6 @@ class MqttObserver:
         return view
 
     # payloads
-
-    def _officers(self) -> tuple[str, ...]:
-        if self._config.mqtt.publish_officer:
-            return ()
-        return tuple(f.officer for f in self._config.cameras.values() if f.officer)
 
     def _render_all(self) -> None:
         self._out.set_retained(f"{self.base}/availability", b"online")
@@ -591,7 +617,7 @@ class MqttObserver:
 
     def _show_state(self) -> None:
         if self._dock is not None:
-            payload = encode(state_payload(self._dock), self._officers())
+            payload = encode(state_payload(self._dock), self._privacy)
             self._out.set_retained(f"{self.base}/state", payload)
 
     def _show_camera(self, camera: str, at_once: bool) -> None:
@@ -609,7 +635,7 @@ class MqttObserver:
         self._shown_at[camera] = now
         pub = self._config.mqtt.publish_officer
         payload = self._views[camera].payload(self._config.officer(camera), pub)
-        self._out.set_retained(f"{self.base}/cameras/{camera}", encode(payload, self._officers()))
+        self._out.set_retained(f"{self.base}/cameras/{camera}", encode(payload, self._privacy))
 
     def _show_later(self, camera: str) -> None:
         self._timers.pop(camera, None)
@@ -642,12 +668,12 @@ class MqttObserver:
 
     async def _start_link(self) -> None:
         loop = asyncio.get_running_loop()
-        try:
+        mqtt = self._config.mqtt
+        try:  # reads password_file and the TLS files: off the loop
             link = await asyncio.to_thread(Link, self._config, self.base, loop)
             link.on_up, link.on_ack = self._link_up, self._acked
-            await asyncio.to_thread(link.start)
-        except (OSError, ValueError) as exc:  # unreadable password_file, bad TLS files
-            mqtt = self._config.mqtt
+            link.start()  # only starts the network thread, which connects
+        except (OSError, ValueError) as exc:  # unreadable password_file, bad TLS files, host
             self._log.error(
                 "mqtt_not_started",
                 broker=f"{mqtt.host}:{mqtt.port}",
@@ -666,7 +692,7 @@ class MqttObserver:
         self._timers.clear()
         if link is None:
             return
-        self._out.set_retained(f"{self.base}/availability", b"offline")
+        self._out.set_retained(f"{link.base}/availability", b"offline")
         if link.connected:
             self._pump()
             with contextlib.suppress(TimeoutError):
