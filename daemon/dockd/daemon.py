@@ -60,7 +60,7 @@ class DaemonFailed(DockdError):
 
 # Sections a SIGHUP applies to a running daemon; the rest needs a restart. `upload`: the
 # uploader resizes its workers to `concurrency`; retries read the rest as they go.
-LIVE_SECTIONS = ("log", "cameras", "camera", "upload")
+LIVE_SECTIONS = ("log", "cameras", "camera", "upload", "mqtt")
 
 
 class Daemon:
@@ -80,6 +80,8 @@ class Daemon:
         self.rt: Runtime | None = None
         self._last_status: DockStatus | None = None
         self._sources: dict[str, Source] = {}
+        self.observers: list[Observer] = []
+        self._background: set[asyncio.Task[None]] = set()
         self.uploader: Uploader | None = None
 
     async def run(self) -> int:
@@ -106,7 +108,7 @@ class Daemon:
         sources = build_sources(cfg)
         self._sources = {s.name: s for s in sources}
         queue: asyncio.Queue[SourceEvent] = asyncio.Queue()
-        observers = build_observers(cfg)
+        observers = self.observers = build_observers(cfg)
         subs = [self.bus.subscribe(o.name) for o in observers]
         try:
             async with asyncio.TaskGroup() as tg:
@@ -207,7 +209,20 @@ class Daemon:
             from dockd.observers.log import setup
 
             setup(self.config.log.level)
+        if "mqtt" in live and old.mqtt.enabled != new.mqtt.enabled:
+            restart.append("mqtt.enabled")  # an observer is started or not at start-up only
+        for observer in self.observers:
+            reconfigure = getattr(observer, "reconfigure", None)
+            if reconfigure is not None and ("mqtt" in live or "cameras" in live):
+                task = asyncio.get_running_loop().create_task(reconfigure(self.config))
+                self._background.add(task)
+                task.add_done_callback(self._reconfigured)
         self.log.info("config_reloaded", applied=sorted(live), needs_restart=restart)
+
+    def _reconfigured(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self.log.error("reconfigure_failed", error=str(task.exception()))
 
     async def _recover(self, rt: Runtime, store: Store) -> None:
         j = rt.journal.journal
@@ -225,6 +240,8 @@ class Daemon:
         for s in await rt.journal(j.offloading_sessions):
             if s.camera not in self.docked:
                 state = await rt.journal(j.finish_offload, s.id, True)
+                # dashboards still hold its last retained state from before the crash
+                self.bus.publish(CameraStatus(s.camera, "undocked", s.id))
                 self.log.info(
                     "session_closed_after_restart",
                     camera=s.camera,
@@ -364,8 +381,19 @@ class Daemon:
     async def _after_upload(self, session: SessionRow) -> None:
         assert self.rt is not None
         docked = self.docked.get(session.camera)
-        if self.config.camera.clear == "after_upload" and docked is not None:
-            await clear_session(self.rt, session, docked.root)
+        if self.config.camera.clear != "after_upload" or docked is None:
+            return
+        if not docked.writable:
+            # a USB camera is mounted read-only (SPEC 2) and unmounted once offloaded
+            reason = f"camera is read-only through the {docked.source} source; nothing removed"
+            self.log.info(
+                "clear_not_possible", camera=session.camera, session_id=session.id, reason=reason
+            )
+            self.bus.publish(
+                Notice("clear_not_possible", session.camera, session.id, {"reason": reason})
+            )
+            return
+        await clear_session(self.rt, session, docked.root)
 
     async def _status_writer(self) -> None:
         """Publishes the dock summary on every change (and every 30 s, for staging space), and
@@ -439,12 +467,11 @@ class Daemon:
                 await asyncio.sleep(min(60.0, 2.0 ** len(crashes)))
 
     async def _shutdown(self, sources: list[Source]) -> None:
-        """Stop sources, then let each camera's chunk in hand finish or park: cancelling a
-        session's copy makes it discard the partial file and record the session interrupted."""
+        """Park every session (its copy stops after the chunk in hand, the partial file is
+        discarded, the session stays `offloading` for the next start to resume), wait for them,
+        and only then stop the sources: a source's stop unmounts, which must not pull a camera
+        out from under a session still reading it."""
         self.log.info("daemon_stopping")
-        for source in sources:
-            with contextlib.suppress(SourceError, OSError):
-                await source.stop()
         for session in self.sessions.values():
             session.park()
         # sd_notify STOPPING=1: from here on no camera file is read past the chunk in hand
@@ -452,6 +479,9 @@ class Daemon:
         tasks = list(self._session_tasks.values())
         if tasks:
             await asyncio.wait(tasks, timeout=30)
+        for source in sources:
+            with contextlib.suppress(SourceError, OSError):
+                await source.stop()
 
 
 def _observe(observer: Observer, sub: Subscription) -> Callable[[], Awaitable[None]]:

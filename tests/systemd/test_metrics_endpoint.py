@@ -10,8 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+from systemd_support import Dock, DockdProcess, free_port
 
-from conftest import Dock, DockdProcess, free_port
 from dockd.ids import CameraId, SessionId
 from dockd.journal import FileRow, FileState, Journal
 from dockd.journal.status import EvidenceTotals

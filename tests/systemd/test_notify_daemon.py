@@ -11,8 +11,8 @@ import statistics
 import time
 
 import pytest
+from systemd_support import WAIT_S, Datagram, Dock, NotifyListener, running_daemon, watch_notice
 
-from conftest import WAIT_S, Datagram, Dock, NotifyListener, running_daemon, watch_notice
 from dockd.daemon import Daemon
 from dockd.ids import CameraId
 from dockd.journal import Journal

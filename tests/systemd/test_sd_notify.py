@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 
-from conftest import NotifyListener
+from systemd_support import NotifyListener
+
 from dockd.events import CameraStatus, DockStatus, EventBus, Notice, Progress, QueueFacts
 from dockd.observers.notify import DockActivity, Notifier, NotifyObserver
 

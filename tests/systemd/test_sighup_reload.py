@@ -7,7 +7,7 @@ from __future__ import annotations
 import signal
 from collections.abc import Callable
 
-from conftest import Dock, DockdProcess
+from systemd_support import Dock, DockdProcess
 
 
 def test_sighup_applies_upload_concurrency_and_refuses_a_broken_config(

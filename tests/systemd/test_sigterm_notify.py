@@ -20,8 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
-from conftest import WAIT_S, Dock, DockdProcess, NotifyListener
+from systemd_support import WAIT_S, Dock, DockdProcess, NotifyListener
 
 UNIT = Path(__file__).parents[2] / "systemd" / "dockd.service"
 

@@ -15,7 +15,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from conftest import WAIT_S, Dock, running_daemon, watch_notice
+from systemd_support import WAIT_S, Dock, running_daemon, watch_notice
+
 from dockd.errors import StoreUnavailable
 from dockd.store.base import Store
 

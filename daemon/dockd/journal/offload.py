@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from dockd.errors import JournalError
 from dockd.ids import CameraId, SessionId, new_session_id, utc_now
@@ -66,6 +66,7 @@ class OffloadJournal(Db):
         model_id: str | None,
         officer: str | None,
         location: str,
+        mount: Mapping[str, str] | None = None,
     ) -> tuple[SessionRow, bool]:
         """The camera's session: the one a crash left offloading (resumed), else a new one.
 
@@ -78,7 +79,14 @@ class OffloadJournal(Db):
                 SessionState.OFFLOADING,
             )
             if row is not None:
-                self.custody("docked", row["id"], camera=camera, location=location, resumed=True)
+                self.custody(
+                    "docked",
+                    row["id"],
+                    camera=camera,
+                    location=location,
+                    resumed=True,
+                    mount=dict(mount or {}),
+                )
                 return SessionRow.of(row), True
             session_id = new_session_id(camera)
             now = utc_now()
@@ -94,6 +102,7 @@ class OffloadJournal(Db):
                 location=location,
                 vendor_id=vendor_id,
                 model_id=model_id,
+                mount=dict(mount or {}),
             )
             created = self.one("SELECT * FROM sessions WHERE id = ?", session_id)
             assert created is not None

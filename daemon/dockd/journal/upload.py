@@ -55,6 +55,21 @@ class UploadJournal(Db):
         )
         return n
 
+    def upload_totals(self, session_id: SessionId) -> tuple[int, int, int, int]:
+        """(files, bytes) to be in the store for this session, and (files, bytes) already are."""
+        row = self.one(
+            "SELECT count(*), coalesce(sum(size), 0),"
+            " coalesce(sum(state = ?), 0), coalesce(sum(CASE WHEN state = ? THEN size END), 0)"
+            " FROM files WHERE session_id = ? AND state IN (?, ?)",
+            FileState.STORED,
+            FileState.STORED,
+            session_id,
+            FileState.VERIFIED,
+            FileState.STORED,
+        )
+        assert row is not None
+        return int(row[0]), int(row[1]), int(row[2]), int(row[3])
+
     def file_stored(self, f: FileRow, key: str, sha256: str, method: str) -> None:
         with self.tx():
             row = self.one("SELECT state FROM files WHERE id = ?", f.id)

@@ -95,6 +95,7 @@ class CameraSession:
             self.docked.model_id,
             officer,
             self.docked.location,
+            self.docked.mount,
         )
         self.session_id = session.id
         self._log = self._log.bind(session_id=session.id)
@@ -213,7 +214,10 @@ class CameraSession:
         entries = walk(os.fsencode(self.docked.root), filt)
         added = skipped = 0
         while True:
-            batch = await asyncio.to_thread(_take, entries, WALK_BATCH)
+            try:
+                batch = await asyncio.to_thread(_take, entries, WALK_BATCH)
+            except OSError as exc:  # the camera root itself: gone (unmounted, yanked) or dead
+                raise CameraGone(f"{self.docked.root}: cannot be read ({exc.strerror})") from exc
             if not batch:
                 break
             a, s = await rt.journal(rt.journal.journal.record_found, session, batch)

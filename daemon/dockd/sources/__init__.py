@@ -10,12 +10,16 @@ from dockd.sources.base import Source
 
 
 def build_sources(config: Config) -> list[Source]:
-    if config.sources.udev.enabled:
-        raise ConfigError(
-            f"sources.udev.enabled: true, but the USB source is not built into dockd "
-            f"{__version__} yet (use sources.directory)"
-        )
     sources: list[Source] = []
+    if config.sources.udev.enabled:
+        try:
+            from dockd.sources.udev import UdevSource
+        except ImportError as exc:  # pyudev missing from this installation
+            raise ConfigError(
+                f"sources.udev.enabled: true, but dockd {__version__} cannot load the USB "
+                f"source ({exc})"
+            ) from None
+        sources.append(UdevSource(config.sources.udev, dock_id=config.dock.id))
     if config.sources.directory.enabled:
         from dockd.sources.directory import DirectorySource
 

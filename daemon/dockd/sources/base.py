@@ -8,7 +8,8 @@ present, so the daemon knows when start-up recovery may close sessions whose cam
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -21,6 +22,10 @@ class Docked:
     location: str  # what an operator recognises: a path, a device node
     vendor_id: str | None = None
     model_id: str | None = None
+    # how the camera was made readable (driver, options in force), for the custody record
+    mount: Mapping[str, str] = field(default_factory=dict)
+    # whether clearing (`camera.clear`) can delete from it: a read-only mount cannot
+    writable: bool = False
 
 
 @dataclass(frozen=True)

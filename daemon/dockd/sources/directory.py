@@ -64,7 +64,7 @@ class DirectorySource:
             return
         self._present.add(name)
         root = self.path / name
-        out.put_nowait(Docked(self.name, name, root, str(root)))
+        out.put_nowait(Docked(self.name, name, root, str(root), writable=True))
 
     def _undocked(self, name: str, out: asyncio.Queue[SourceEvent]) -> None:
         if name not in self._present:

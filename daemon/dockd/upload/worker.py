@@ -159,11 +159,12 @@ class Uploader:
     async def _start_session(self, session: SessionRow) -> None:
         if session.id in self._counters:
             return
-        files = await self.rt.journal(self.rt.journal.journal.session_files, session.id)
-        up = [f for f in files if f.state in (FileState.VERIFIED, FileState.STORED)]
-        done = [f for f in up if f.state == FileState.STORED]
-        c = _Counters(len(up), sum(f.size for f in up), len(done), sum(f.size for f in done))
-        self._counters[session.id] = c
+        # claimed before the await, so two workers starting on one session announce it once
+        c = self._counters[session.id] = _Counters(0, 0)
+        totals = await self.rt.journal(self.rt.journal.journal.upload_totals, session.id)
+        c.files_total, c.bytes_total, done_files, done_bytes = totals
+        c.files_done += done_files
+        c.bytes_done += done_bytes
         self.rt.bus.publish(
             CameraStatus(
                 session.camera,
