@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -115,6 +116,9 @@ class CameraSession:
             return SessionState.OFFLOADING
         interrupted = interrupted or self.cancel.is_set()
         self.state = await rt.journal(rt.journal.journal.finish_offload, session.id, interrupted)
+        if self.state == SessionState.EMPTY:
+            # nothing was taken, so no upload will ever release its staging folder
+            await asyncio.to_thread(_remove_session_dir, rt.staging / session.id)
         await self._announce_end(interrupted)
         rt.upload_wakeup.set()
         return self.state
@@ -261,6 +265,9 @@ class CameraSession:
                 if self.cancel.is_set():
                     raise CameraGone("camera undocked") from exc
                 now = await asyncio.to_thread(_lstat, source)
+                if now is None and not await asyncio.to_thread(self.docked.root.is_dir):
+                    # the whole camera went (a source may report the undock a moment later)
+                    raise CameraGone(f"{self.docked.root}: camera gone") from exc
                 if now is None:
                     await self._give_up(f, FileState.FAILED, f"disappeared during copy: {exc}")
                     return None
@@ -287,7 +294,7 @@ class CameraSession:
                 return None
 
     async def _give_up(self, f: FileRow, state: FileState, error: str) -> None:
-        self._log.warning("file_" + str(state), path=f.path, error=error)
+        # logged once, by the log observer, from the notice
         await self.rt.journal(self.rt.journal.journal.file_given_up, f, state, error)
         self.rt.bus.publish(
             Notice(f"file_{state}", self.camera, self.session_id, {"path": f.path, "error": error})
@@ -389,6 +396,12 @@ def _make_session_dir(path: Path) -> None:
     except FileExistsError:
         for leftover in path.glob("*.partial"):  # a crash mid-copy; never reported verified
             leftover.unlink()
+
+
+def _remove_session_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+        fsync_dir(path.parent)
 
 
 def _take(it: Iterator[Found | Skipped], n: int) -> list[Found | Skipped]:
