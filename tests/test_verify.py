@@ -219,7 +219,10 @@ def test_verify_daemon_manifest_lists_files_sidecars_and_the_custody_slice(
                 assert f["size"] == len(data)
                 assert f["sha256"] == hashlib.sha256(data).hexdigest()
                 assert f["key"] == built.file_key(camera, f["path"])
-            assert [sc["name"] for sc in m["sidecars"]] == [keys.SUMS, keys.CUSTODY]
+            names = [sc["name"] for sc in m["sidecars"]]
+            assert names[:2] == [keys.SUMS, keys.CUSTODY]  # then the ASC MHL history
+            assert names[2].startswith(f"ascmhl/0001_{sid}_")
+            assert names[3:] == ["ascmhl/ascmhl_chain.xml"]
             records = [r for r in j.custody_records(sid) if r.seq <= m["custody"]["last_seq"]]
             assert m["custody"] == {
                 "first_seq": records[0].seq,

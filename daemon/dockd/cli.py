@@ -221,6 +221,8 @@ def _print_status(d: dict[str, Any]) -> None:
 
 
 def cmd_verify(config: Config, args: argparse.Namespace) -> int:
+    """Re-read the store's evidence. Needs only the store and the trusted keys: with no journal
+    here (a custodian's machine), the store is checked on its own."""
     from dockd.errors import StoreError
     from dockd.evidence.signing import load, trusted_keys
     from dockd.journal.db import Db
@@ -252,19 +254,53 @@ def cmd_verify(config: Config, args: argparse.Namespace) -> int:
                     "sessions": [r.as_dict() for r in reports],
                 },
                 indent=2,
+                ensure_ascii=False,
             )
         )
+        return EX_OK if ok else EX_FAIL
+    columns = ("session", "camera", "files", "bytes", "signature", "chain", "ascmhl", "result")
+    rows = [
+        (
+            r.session_id,
+            r.camera,
+            str(r.files),
+            format_size(r.bytes),
+            r.signature,
+            r.chain,
+            r.ascmhl,
+            "ok" if r.ok else "FAILED",
+        )
+        for r in reports
+    ]
+    problems = [f"journal: {p}" for p in chain_problems]
+    problems += [f"{r.session_id}: {p}" for r in reports for p in r.problems]
+    summary = f"{len(reports)} session(s) checked: " + (
+        "all good" if ok else f"{len(problems)} PROBLEM(S)"
+    )
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.markup import escape
+        from rich.table import Table
+
+        console = Console(highlight=False)
+        table = Table(title=f"dockd verify: {escape(store.name)}")
+        for col in columns:  # a narrow terminal folds session ids, never cuts them
+            right = col in ("files", "bytes")
+            table.add_column(col, justify="right" if right else "left", overflow="fold")
+        for row in rows:
+            style = "green" if row[-1] == "ok" else "bold red"
+            table.add_row(*map(escape, row[:-1]), f"[{style}]{row[-1]}[/]")
+        console.print(table)
+        for p in problems:
+            console.print(f"[red]PROBLEM[/] {escape(p)}")
+        console.print(f"[{'green' if ok else 'bold red'}]{escape(summary)}[/]")
     else:
-        for p in chain_problems:
+        widths = [max(len(x) for x in col) for col in zip(columns, *rows, strict=True)]
+        for row in (columns, *rows):
+            print("  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip())
+        for p in problems:
             print(f"PROBLEM {p}")
-        for r in reports:
-            print(
-                f"{'ok    ' if r.ok else 'FAILED'} {r.session_id}  {r.files} files, "
-                f"{format_size(r.bytes)}, signature {r.signature}, chain {r.chain}"
-            )
-            for p in r.problems:
-                print(f"       {p}")
-        print(f"{len(reports)} session(s) checked: {'all good' if ok else 'PROBLEMS FOUND'}")
+        print(summary)
     return EX_OK if ok else EX_FAIL
 
 

@@ -2,7 +2,8 @@
 
 Works from the store alone: sessions are found by their manifests, every object is re-read
 and hashed, the custody slice in `custody.jsonl` is checked on its own and against the
-manifest. When this dock's journal is at hand, its whole custody chain is checked too, and each
+manifest, and the ASC MHL history (`ascmhl/`) must be listed, intact and consistent with its
+chain file. When this dock's journal is at hand, its whole custody chain is checked too, and each
 session's records in the store must be the journal's own.
 """
 
@@ -11,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from dockd.custody import CustodyRecord, SliceSummary, check_chain, check_slice
 from dockd.errors import CustodyError, JournalError, StoreError
-from dockd.evidence import keys, sums
+from dockd.evidence import keys, mhl, sums
 from dockd.evidence.manifest import FORMAT, SIGNATURE
 from dockd.evidence.signing import TrustedKey, check_signature
 from dockd.journal.db import Db
@@ -35,6 +37,7 @@ class SessionReport:
     problems: list[str] = field(default_factory=list)
     signature: str = "not checked"  # ok | not checked | BAD
     chain: str = "not checked"  # ok | BAD
+    ascmhl: str = "not checked"  # ok | missing | BAD
 
     @property
     def ok(self) -> bool:
@@ -48,6 +51,7 @@ class SessionReport:
             "bytes": self.bytes,
             "signature": self.signature,
             "chain": self.chain,
+            "ascmhl": self.ascmhl,
             "result": "ok" if self.ok else "FAILED",
             "problems": self.problems,
         }
@@ -139,6 +143,10 @@ def _check_manifest(
                 report.problems.append("manifest differs from the one this dock wrote (journal)")
     sidecars: dict[str, bytes] = {}
     for sc in m.get("sidecars", []):
+        if not _sidecar_name_ok(sc["name"]):
+            # a name reaching outside the session could make another object vouch for it
+            report.problems.append(f"sidecar {sc['name']!r}: not a session folder object")
+            continue
         key = f"{prefix}/{sc['name']}"
         problems = _check_object(store, key, sc["size"], sc["sha256"])
         report.problems.extend(problems)
@@ -155,7 +163,49 @@ def _check_manifest(
     elif not any(sc["name"] == keys.CUSTODY for sc in m.get("sidecars", [])):
         report.problems.append("custody.jsonl is not among the manifest's sidecars")
     # else: listed but missing or altered, which _check_object has reported above
+    report.ascmhl, mhl_problems = _check_ascmhl(m, sidecars)
+    report.problems.extend(mhl_problems)
     return report
+
+
+def _sidecar_name_ok(name: str) -> bool:
+    if name in (keys.SUMS, keys.CUSTODY):
+        return True
+    folder, _, file = name.partition("/")
+    return folder == keys.ASCMHL and file not in ("", ".", "..") and "/" not in file
+
+
+def _check_ascmhl(m: dict[str, Any], intact: dict[str, bytes]) -> tuple[str, list[str]]:
+    """("ok" | "missing" | "BAD", problems): the history is listed (chain and hash lists), and
+    the chain names exactly the listed hash lists with their C4 ids. Contents were checked by
+    SHA-256 like every sidecar; one missing or altered is reported there, not again here."""
+    listed = [
+        sc["name"] for sc in m.get("sidecars", []) if sc["name"].startswith(keys.ASCMHL + "/")
+    ]
+    lists = sorted(n for n in listed if n.endswith(".mhl"))
+    if not listed:
+        return "missing", ["the ASC MHL history (ascmhl/) is not among the manifest's sidecars"]
+    if mhl.CHAIN not in listed or not lists:
+        return "BAD", [f"ascmhl/: the manifest lists {sorted(listed)}, not a chain and hash list"]
+    if any(n not in intact for n in listed):
+        return "BAD", []  # reported as missing or altered
+    try:
+        root = ET.fromstring(intact[mhl.CHAIN])
+        ns = "{urn:ASC:MHL:DIRECTORY:v2.0}"
+        named = {
+            f"{keys.ASCMHL}/{h.findtext(ns + 'path', '')}": h.findtext(ns + "c4", "")
+            for h in root.iter(ns + "hashlist")
+        }
+    except ET.ParseError as exc:
+        return "BAD", [f"{mhl.CHAIN}: not readable XML ({exc})"]
+    if sorted(named) != lists:
+        return "BAD", [f"{mhl.CHAIN} names {sorted(named)}, the manifest lists {lists}"]
+    problems = [
+        f"{n}: its C4 id is not the one {mhl.CHAIN} names"
+        for n in lists
+        if mhl.c4(intact[n]) != named[n]
+    ]
+    return ("BAD" if problems else "ok"), problems
 
 
 def _check_object(store: Store, key: str, size: int, sha256: str) -> list[str]:
@@ -218,13 +268,10 @@ def _check_signature(
     except StoreError:
         report.problems.append(f"{sig_key}: signature missing from the store")
         return
-    if not trusted:
-        report.problems.append(
-            "no trusted dock key to check the signature with (set signing.trusted_keys_dir)"
-        )
-        return
     problem = check_signature(raw, sig, trusted)
     if problem is not None:
+        if not trusted:
+            problem += " (no trusted dock keys: signing.trusted_keys_dir holds none)"
         report.problems.append(problem)
         return
     report.signature = "ok"

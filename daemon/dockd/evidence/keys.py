@@ -5,6 +5,7 @@ from __future__ import annotations
 MANIFEST = "manifest.json"
 SUMS = "SHA256SUMS"
 CUSTODY = "custody.jsonl"
+ASCMHL = "ascmhl"  # folder of the ASC MHL history: `ascmhl/*.mhl`, `ascmhl/ascmhl_chain.xml`
 
 
 def session_prefix(camera: str, session_id: str) -> str:

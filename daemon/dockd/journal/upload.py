@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
+from dockd import __version__
 from dockd.errors import JournalError
 from dockd.ids import SessionId, utc_now
 from dockd.journal.db import Db
@@ -102,7 +103,9 @@ class UploadJournal(Db):
             if self.unstored_count(session_id):
                 raise JournalError(f"session {session_id}: cannot seal with files not stored")
             check_session(s.state, SessionState.SEALED, session_id)
-            rec = self.custody("sealed", session_id)
+            # the version goes into the ASC MHL; from here, not from the running code, so an
+            # upgrade between sealing and the manifest still rebuilds identical bytes
+            rec = self.custody("sealed", session_id, dockd_version=__version__)
             self.conn.execute(
                 "UPDATE sessions SET state = ?, sealed_at = ?, uploaded_at = ?,"
                 " custody_last_seq = ? WHERE id = ?",

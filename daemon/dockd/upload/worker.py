@@ -22,7 +22,7 @@ from dockd.custody import summarize
 from dockd.errors import IntegrityError, StoreConflict, StoreError, StoreUnavailable
 from dockd.events import CameraStatus, Notice
 from dockd.events import Progress as ProgressEvent
-from dockd.evidence import keys, manifest, sums
+from dockd.evidence import keys, manifest, mhl, sums
 from dockd.evidence.signing import DockKey
 from dockd.journal import FileState, Journal, SessionRow
 from dockd.observers.log import get as get_log
@@ -279,7 +279,8 @@ def _session_objects(
     j: Journal, session: SessionRow, dock_id: str, key: DockKey | None = None
 ) -> list[tuple[str, bytes]]:
     """The sidecars, signature and manifest of a sealed session, rebuilt byte-identically every
-    time (Ed25519 signatures are deterministic, so a restart re-signs to the same bytes)."""
+    time (Ed25519 signatures are deterministic, so a restart re-signs to the same bytes): the
+    ASC MHL history comes from the journal (xxh128 of each file, sealing time), not from now()."""
     files = j.session_files(session.id)
     stored = [f for f in files if f.state in (FileState.STORED, FileState.CLEARED)]
     sums_body = sums.render((f.sha256 or "", f.path) for f in stored)
@@ -290,6 +291,7 @@ def _session_objects(
     ]
     custody_body = "".join(r.to_json() + "\n" for r in records).encode()
     sidecars = [(keys.SUMS, sums_body), (keys.CUSTODY, custody_body)]
+    sidecars += mhl.history(session, dock_id, stored, sidecars, records)
     m = manifest.build(
         session=session,
         dock_id=dock_id,
