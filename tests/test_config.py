@@ -446,8 +446,17 @@ def test_udev_enabled_without_match_entries_is_refused(tmp_path: Path) -> None:
     assert "sources.udev" in msg and "[[sources.udev.match]]" in msg and "enabled" in msg
 
 
-def test_no_source_enabled_is_refused_naming_both_sources(tmp_path: Path) -> None:
-    msg = _refused(tmp_path, sources={"directory": {"enabled": False}})
+def test_no_source_enabled_is_valid_for_verify_but_refused_by_run_naming_both_sources(
+    tmp_path: Path,
+) -> None:
+    from dockd.sources import build_sources
+
+    data = _base(tmp_path)
+    data["sources"] = {"directory": {"enabled": False}}
+    config = parse_config(data)  # a custodian's verify-only machine has no camera source
+    with pytest.raises(ConfigError) as info:
+        build_sources(config)
+    msg = str(info.value)
     assert "sources:" in msg and "no enabled source" in msg
     assert "sources.udev" in msg and "sources.directory" in msg
 

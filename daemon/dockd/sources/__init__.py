@@ -24,4 +24,9 @@ def build_sources(config: Config) -> list[Source]:
         from dockd.sources.directory import DirectorySource
 
         sources.append(DirectorySource(config.sources.directory.path))
+    if not sources:
+        raise ConfigError(
+            "sources: no enabled source; `dockd run` needs sources.udev or sources.directory "
+            "(a configuration without one is only for `dockd verify` and the other commands)"
+        )
     return sources
