@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -20,8 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dockd import __version__
-from dockd.clear import clear_session
+from dockd import __version__, clear
 from dockd.config import Config, load_config
 from dockd.errors import ConfigError, DockdError, SourceError
 from dockd.events import (
@@ -34,14 +34,16 @@ from dockd.events import (
 )
 from dockd.evidence.signing import load_or_create
 from dockd.ids import CameraId, camera_id
-from dockd.journal import Journal, SessionRow
+from dockd.journal import Journal, SessionRow, SessionState
+from dockd.journal.states import FINISHED_STATES
 from dockd.journal.thread import JournalThread
 from dockd.observers import Observer, build_observers
 from dockd.observers.log import get as get_log
+from dockd.offload.copy import fsync_dir
 from dockd.offload.session import CameraSession
 from dockd.runtime import Problems, Runtime, free_bytes
 from dockd.sources import build_sources
-from dockd.sources.base import Docked, Refused, Source, SourceEvent, Undocked
+from dockd.sources.base import Clearable, Docked, Refused, Source, SourceEvent, Undocked
 from dockd.store import build_store
 from dockd.store import start_up as store_start_up
 from dockd.store.base import Store
@@ -232,6 +234,31 @@ class Daemon:
                 n = await asyncio.to_thread(store.clean_incoming)
                 if n:
                     self.log.info("store_temporaries_removed", count=n)
+        await self._release_finished_staging(rt)
+
+    async def _release_finished_staging(self, rt: Runtime) -> None:
+        """A crash between recording a session uploaded (or empty) and removing its staging
+        folder leaves the folder behind; nothing else would ever remove it. Folders of sessions
+        the journal never heard of hold nothing that was recorded verified: removed too."""
+        j = rt.journal.journal
+        try:
+            names = await asyncio.to_thread(lambda: sorted(p.name for p in rt.staging.iterdir()))
+        except OSError:
+            return
+        for name in names:
+            s = await rt.journal(j.session, name)
+            if s is not None and s.state not in FINISHED_STATES:
+                continue
+            await asyncio.to_thread(_remove_tree, rt.staging / name)
+            if s is not None and s.state != SessionState.EMPTY:
+                released = await rt.journal(j.staging_was_released, s.id)
+                if not released:
+                    await rt.journal(j.staging_released, s.id)
+            self.log.info(
+                "staging_released_after_restart",
+                session_id=name,
+                state=None if s is None else str(s.state),
+            )
 
     async def _close_orphans(self, rt: Runtime) -> None:
         """Sessions a crash left offloading, for cameras not docked now: finish them with what
@@ -317,11 +344,15 @@ class Daemon:
         await rt.journal(
             j.camera_docked, cam, event.source, event.location, event.vendor_id, event.model_id
         )
-        session = CameraSession(rt, event, cam)
+        self._start_session(event, cam)
+        self._write_status_soon()
+
+    def _start_session(self, docked: Docked, cam: CameraId) -> None:
+        assert self.rt is not None
+        session = CameraSession(self.rt, docked, cam)
         self.sessions[cam] = session
         task = asyncio.create_task(self._run_session(session), name=f"session-{cam}")
         self._session_tasks[cam] = task
-        self._write_status_soon()
 
     async def _run_session(self, session: CameraSession) -> None:
         try:
@@ -340,8 +371,15 @@ class Daemon:
             )
         finally:
             self._session_tasks.pop(session.camera, None)
+            again = (
+                session.split
+                and not self.stopping.is_set()
+                and self.docked.get(session.camera) is session.docked
+            )
+            if again:  # staging filled up: the next session takes the rest of this camera
+                self._start_session(session.docked, session.camera)
             source = self._sources.get(session.docked.source)
-            if source is not None and not session.parked:
+            if source is not None and not session.parked and not again:
                 try:
                     await source.release(session.docked)
                 except SourceError as exc:
@@ -379,21 +417,56 @@ class Daemon:
         return run
 
     async def _after_upload(self, session: SessionRow) -> None:
+        """`camera.clear = "after_upload"`: clear the camera of what this session stored, if it
+        is still docked, through a root its source opens for the clear step only (a USB camera:
+        a read-write mount of the same device, synced and unmounted right after). What may be
+        removed, and whether to try at all, is decided in clear.py."""
         assert self.rt is not None
-        docked = self.docked.get(session.camera)
-        if self.config.camera.clear != "after_upload" or docked is None:
+        if self.config.camera.clear != "after_upload":
             return
-        if not docked.writable:
-            # a USB camera is mounted read-only (SPEC 2) and unmounted once offloaded
-            reason = f"camera is read-only through the {docked.source} source; nothing removed"
-            self.log.info(
-                "clear_not_possible", camera=session.camera, session_id=session.id, reason=reason
-            )
-            self.bus.publish(
-                Notice("clear_not_possible", session.camera, session.id, {"reason": reason})
-            )
+        cam = session.camera
+        current = self.sessions.get(cam)
+        task = self._session_tasks.get(cam)
+        if task is not None and current is not None and current.session_id == session.id:
+            # its own offload is letting go of the camera (the read-only mount): wait for that
+            await asyncio.wait([task])
+            task = self._session_tasks.get(cam)
+        docked = self.docked.get(cam)
+        source = self._sources.get(docked.source) if docked is not None else None
+        why = clear.why_not_now(
+            docked=docked is not None,
+            reading=task is not None,
+            clearable=isinstance(source, Clearable),
+        )
+        if why is not None:
+            self._clear_not_possible(session, why)
             return
-        await clear_session(self.rt, session, docked.root)
+        assert docked is not None and isinstance(source, Clearable)
+        files = await clear.clearable_files(self.rt, session)
+        if files is None:
+            return
+        try:
+            target = await source.open_for_clearing(docked)
+        except SourceError as exc:
+            self._clear_not_possible(session, f"{exc}; nothing removed")
+            return
+        try:
+            await clear.clear_session(
+                self.rt, session, target, files, still_docked=lambda: self.docked.get(cam) is docked
+            )
+        finally:
+            try:
+                await source.close_after_clearing(docked)
+            except SourceError as exc:
+                self.log.error(
+                    "clear_close_failed", camera=cam, session_id=session.id, error=str(exc)
+                )
+
+    def _clear_not_possible(self, session: SessionRow, reason: str) -> None:
+        """Told to the dashboards; the log observer logs it."""
+        self.bus.publish(
+            Notice("clear_not_possible", session.camera, session.id, {"reason": reason})
+        )
 
     async def _status_writer(self) -> None:
         """Publishes the dock summary on every change (and every 30 s, for staging space), and
@@ -489,6 +562,14 @@ def _observe(observer: Observer, sub: Subscription) -> Callable[[], Awaitable[No
         await observer.run(sub)
 
     return run
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+    fsync_dir(path.parent)
 
 
 def _differs(a: DockStatus, b: DockStatus | None) -> bool:

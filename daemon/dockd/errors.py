@@ -72,5 +72,9 @@ class StoreUnavailable(StoreError):
     """The store is away (unreachable, read-only, full); waiting and retrying is right."""
 
 
+class StoreRefused(StoreError):
+    """The store cannot hold this key at all (a name too long for it); retrying cannot help."""
+
+
 class StoreConflict(StoreError):
     """A store key already holds other content. Never overwritten: recorded and left for a human."""

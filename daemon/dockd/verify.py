@@ -226,7 +226,9 @@ def _check_custody(
     body: bytes, m: dict[str, Any], session_id: str, journal: Db | None
 ) -> list[str]:
     try:
-        records = [CustodyRecord.from_json(line) for line in body.decode().splitlines() if line]
+        # split on "\n" only: str.splitlines() also splits at U+2028/U+2029/U+0085, which a
+        # camera file name may hold and JSON (ensure_ascii=False) keeps raw
+        records = [CustodyRecord.from_json(line) for line in body.decode().split("\n") if line]
         summary = SliceSummary(**m["custody"])
         check_slice(records, session_id, summary)
     except (CustodyError, TypeError, KeyError, UnicodeDecodeError) as exc:

@@ -175,14 +175,23 @@ class Devices:
         self.loops.append(dev)
         return dev
 
-    def _src(self, files: dict[str, bytes]) -> Path:
+    def _src(
+        self,
+        files: dict[str, bytes],
+        mtimes: dict[str, int] | None = None,
+        symlinks: dict[str, str] | None = None,
+    ) -> Path:
         self._n += 1
         src = self.base / f"src{self._n}"
         for rel, data in files.items():
             p = src / rel
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_bytes(data)
-            os.utime(p, (FILE_MTIME, FILE_MTIME))
+            t = (mtimes or {}).get(rel, FILE_MTIME)
+            os.utime(p, (t, t))
+        for rel, target in (symlinks or {}).items():
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            (src / rel).symlink_to(target)
         src.mkdir(exist_ok=True)
         return src
 
@@ -192,20 +201,36 @@ class Devices:
             f.truncate(size_mib * 1024**2)
         return image
 
-    def ext4(self, serial: str, files: dict[str, bytes], size_mib: int = 96) -> CameraImage:
+    def ext4(
+        self,
+        serial: str,
+        files: dict[str, bytes],
+        size_mib: int = 96,
+        *,
+        mtimes: dict[str, int] | None = None,
+        symlinks: dict[str, str] | None = None,
+    ) -> CameraImage:
+        """ext4 filled with `mkfs.ext4 -d` (mtimes to the nanosecond; symlinks kept)."""
         need("mkfs.ext4")
-        src = self._src(files)
+        src = self._src(files, mtimes, symlinks)
         image = self._image(serial, size_mib)
         uuid = "5e1f2a3b-0000-4000-8000-00000000000" + str(self._n % 10)
         run("mkfs.ext4", "-q", "-F", "-L", "CAMERA", "-U", uuid, "-d", str(src), str(image))
         return CameraImage(serial, "ext4", "CAMERA", uuid, image, self._attach(image), files)
 
-    def fat32(self, serial: str, files: dict[str, bytes], label: str = "BODYCAM") -> CameraImage:
+    def fat32(
+        self,
+        serial: str,
+        files: dict[str, bytes],
+        label: str = "BODYCAM",
+        *,
+        mtimes: dict[str, int] | None = None,
+    ) -> CameraImage:
         """FAT32 filled with mtools (no mount); names 8.3 upper case, as cameras write them.
         fusefat shows the volume label as an empty file in the root: it is on the camera as
         the daemon sees it, so it is expected in the store too."""
         need("mkfs.vfat", "mmd", "mcopy", "fusefat", fuse=True)
-        src = self._src(files)
+        src = self._src(files, mtimes)
         image = self._image(serial, 48)
         volid = f"{self._n:08X}"
         run("mkfs.vfat", "-F", "32", "-n", label, "-i", volid, str(image))
@@ -221,10 +246,17 @@ class Devices:
         uuid = f"{volid[:4]}-{volid[4:]}"
         return CameraImage(serial, "vfat", label, uuid, image, self._attach(image), expected)
 
-    def exfat(self, serial: str, files: dict[str, bytes], label: str = "CAMX") -> CameraImage:
+    def exfat(
+        self,
+        serial: str,
+        files: dict[str, bytes],
+        label: str = "CAMX",
+        *,
+        mtimes: dict[str, int] | None = None,
+    ) -> CameraImage:
         """exFAT filled through exfat-fuse mounted read-write, then unmounted."""
         need("mkfs.exfat", "mount.exfat-fuse", fuse=True)
-        src = self._src(files)
+        src = self._src(files, mtimes)
         image = self._image(serial, 48)
         run("mkfs.exfat", "-L", label, str(image))
         loop = self._attach(image)
@@ -253,6 +285,53 @@ class Devices:
         for dev in self.loops:
             run("losetup", "-d", dev, check=False)
         self.loops.clear()
+
+
+KERNEL_OR_FUSE = {"ext4": None, "vfat": "fusefat", "exfat": "mount.exfat-fuse"}
+
+
+@contextlib.contextmanager
+def own_mount(cam: CameraImage, point: Path, writable: bool = False) -> Iterator[Path]:
+    """The test's own mount of a camera's loop device (never while the daemon has it mounted):
+    the kernel's driver if it has one, else the same FUSE driver the daemon uses. Read-only
+    unless `writable`; on leaving, unmounted and the device's buffers pushed to the image."""
+    point.mkdir(parents=True, exist_ok=True)
+    mode = "rw" if writable else "ro"
+    if run("mount", "-i", "-t", cam.fs, "-o", mode, cam.loop, str(point), check=False).returncode:
+        helper = KERNEL_OR_FUSE[cam.fs]
+        assert helper is not None, f"cannot mount {cam.fs} {cam.loop}"
+        fuse_mode = "rw+" if (writable and helper == "fusefat") else mode
+        run(helper, "-o", fuse_mode, cam.loop, str(point))
+    try:
+        yield point
+    finally:
+        run("umount", str(point))
+        run("sync", cam.loop)  # fusefat writes through the device's page cache
+
+
+def read_tree(root: Path) -> dict[str, bytes | str]:
+    """Every file under `root` (path -> bytes) and symlink (path -> "-> target")."""
+    out: dict[str, bytes | str] = {}
+    for dirpath, dirs, names in os.walk(root):
+        for name in names + [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            out[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else p.read_bytes()
+    return out
+
+
+def camera_tree(cam: CameraImage, point: Path) -> dict[str, bytes | str]:
+    """What is on the camera now, read through the test's own read-only mount."""
+    with own_mount(cam, point) as root:
+        return read_tree(root)
+
+
+def fsck_clean(cam: CameraImage) -> None:
+    """The camera's filesystem is consistent (checked read-only, on the loop device)."""
+    run("sync", cam.loop)
+    tool = {"ext4": ["e2fsck", "-fn"], "vfat": ["fsck.vfat", "-n"], "exfat": ["fsck.exfat", "-n"]}
+    ran = run(*tool[cam.fs], cam.loop, check=False)
+    assert ran.returncode == 0, f"{cam.fs} on {cam.loop} not clean:\n{ran.stdout}{ran.stderr}"
 
 
 @pytest.fixture
@@ -545,7 +624,7 @@ class DockdProcess:
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, str):
+    if isinstance(value, str | list):
         return json.dumps(value)
     return repr(value)
 
@@ -559,6 +638,8 @@ class Dock:
     matches: list[dict[str, str]] = field(
         default_factory=lambda: [{"vendor_id": VENDOR, "serial": "^X6[0-9A-Z]+$"}]
     )
+    # more keys per section, e.g. {"camera": {"clear": "after_upload"}}
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     processes: list[DockdProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -591,6 +672,13 @@ class Dock:
             "[mqtt]",
             "enabled = false",
         ]
+        for section, values in self.settings.items():
+            header = f"[{section}]"
+            at = lines.index(header) + 1 if header in lines else len(lines)
+            if header not in lines:
+                lines.append(header)
+                at += 1
+            lines[at:at] = [f"{k} = {_toml(v)}" for k, v in values.items()]
         for m in self.matches:
             lines.append("[[sources.udev.match]]")
             lines += [f"{k} = {_toml(v)}" for k, v in m.items()]

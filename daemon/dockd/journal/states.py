@@ -64,6 +64,9 @@ QUEUED_STATES = frozenset(
     }
 )
 
+# sessions whose staging folder must be gone: everything is in the store, or nothing was taken
+FINISHED_STATES = frozenset({SessionState.UPLOADED, SessionState.CLEARED, SessionState.EMPTY})
+
 SESSION_TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
     SessionState.OFFLOADING: frozenset(
         {

@@ -137,6 +137,15 @@ class UploadJournal(Db):
             )
             self.custody("error", session_id, stage="upload", error=error)
 
+    def staging_was_released(self, session_id: str) -> bool:
+        return (
+            self.one(
+                "SELECT 1 FROM custody WHERE session_id = ? AND event = 'staging_released'",
+                session_id,
+            )
+            is not None
+        )
+
     def staging_released(self, session_id: SessionId) -> None:
         self.custody_event_tx("staging_released", session_id)
 

@@ -69,6 +69,10 @@ class CameraSession:
         self._files_done = 0
         self._bytes_before = 0  # bytes of files finished, so progress never goes down
         self._parking = False
+        # ended early because staging filled up: the daemon starts the next session for the
+        # same docked camera, which takes only what this one did not
+        self.split = False
+        self._verified_count = 0
         self._log = get_log(dock_id=rt.config.dock.id, camera=camera)
 
     def undock(self) -> None:
@@ -184,11 +188,18 @@ class CameraSession:
                 self.cancel.set()
                 self._cancelled.set()
                 continue
+            except StagingSplit as exc:
+                self._log.warning("session_split_staging_full", reason=str(exc))
+                self.split = True
+                self.cancel.set()
+                self._cancelled.set()
+                continue
             self._bytes_before += f.size
             progress.bytes_done = 0
             self._files_done += 1
             if result is not None:
                 self._batch.append(result)
+                self._verified_count += 1
             if (
                 len(self._batch) >= FLUSH_FILES
                 or time.monotonic() - self._last_flush > FLUSH_SECONDS
@@ -258,7 +269,13 @@ class CameraSession:
                 return f, copied.sha256, utc_now(), copied.xxh128
             except CameraGone:
                 raise
-            except StagingFull:
+            except StagingFull as exc:
+                if self._verified_count:
+                    # what this session holds can only leave staging once it is uploaded, and
+                    # a session is uploaded only once its offload ends: end it now (split)
+                    raise StagingSplit(
+                        f"staging full after {self._verified_count} file(s)"
+                    ) from exc
                 await self._wait_for_space(full=True)
             except SourceChanged as exc:
                 attempts += 1
@@ -376,6 +393,9 @@ class CameraSession:
 
     async def _announce_end(self, interrupted: bool) -> None:
         state = self.state
+        if self.split:
+            self._status("docked", error="staging full: the rest follows once uploads free space")
+            return
         if interrupted:
             self._status("undocked", error="undocked before the offload finished")
             return
@@ -396,6 +416,11 @@ def _make_session_dir(path: Path) -> None:
     except FileExistsError:
         for leftover in path.glob("*.partial"):  # a crash mid-copy; never reported verified
             leftover.unlink()
+
+
+class StagingSplit(Exception):
+    """Staging is full and this session already holds verified files: end it so they can be
+    uploaded and their space released, instead of waiting for space that only it could free."""
 
 
 def _remove_session_dir(path: Path) -> None:

@@ -23,7 +23,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 
 from dockd.errors import SourceError
-from dockd.sources.base import Docked, SourceEvent, Undocked
+from dockd.sources.base import ClearRoot, Docked, SourceEvent, Undocked
 
 
 class DirectorySource:
@@ -52,6 +52,15 @@ class DirectorySource:
 
     async def release(self, docked: Docked) -> None:
         """Nothing to undo: the directory is not ours."""
+
+    async def open_for_clearing(self, docked: Docked) -> ClearRoot:
+        """The camera's directory as it is, while it is still there."""
+        if docked.camera not in self._present:
+            raise SourceError(f"{docked.root}: the camera's directory is gone")
+        return ClearRoot(docked.root)
+
+    async def close_after_clearing(self, docked: Docked) -> None:
+        """Nothing to undo."""
 
     async def stop(self) -> None:
         if self._observer is not None:

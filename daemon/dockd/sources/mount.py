@@ -1,4 +1,6 @@
 """Mounting a camera read-only, and always unmounting it: bounded in time, checked, logged.
+For the clear step only, a camera is mounted read-write (`writable=True`, CLEAR_OPTIONS) the same
+way, at its own mount point, and synced before it is unmounted.
 
 The options of SPEC §2 (`ro,nosuid,nodev,noexec,noatime`) are asked for, then *checked* in
 /proc/self/mountinfo: a FUSE driver may silently drop some (exfat-fuse drops noexec and
@@ -33,6 +35,11 @@ from pathlib import Path
 from dockd.errors import SourceError
 
 CAMERA_OPTIONS = ("ro", "nosuid", "nodev", "noexec", "noatime")
+# the clear step's mount: read-write, and otherwise as guarded as the offload's
+CLEAR_OPTIONS = ("rw", "nosuid", "nodev", "noexec", "noatime")
+# FUSE helpers (by program name) that write only when asked with their own word for "rw":
+# fusefat mounts read-only unless given `-o rw+` (its write support is called experimental)
+FUSE_RW_OPTION = {"fusefat": "rw+"}
 MOUNTINFO = Path("/proc/self/mountinfo")
 FILESYSTEMS = Path("/proc/filesystems")
 KILL_WAIT_S = 5.0  # after a deadline: how long a killed tool gets to go
@@ -77,6 +84,7 @@ class Mounted:
     honoured: tuple[str, ...]  # the options asked for that the first mount put in force
     remounted: bool  # a remount was needed to put the rest in force
     options: tuple[str, ...]  # per-mount options in force at the end
+    writable: bool = False  # mounted read-write for the clear step (CLEAR_OPTIONS)
 
 
 @dataclass(frozen=True)
@@ -151,8 +159,15 @@ def kernel_has(fs_type: str, path: Path = FILESYSTEMS) -> bool:
     return False
 
 
-def missing_options(entry: MountEntry) -> tuple[str, ...]:
-    return tuple(o for o in CAMERA_OPTIONS if o not in entry.options)
+def missing_options(entry: MountEntry, wanted: Sequence[str] = CAMERA_OPTIONS) -> tuple[str, ...]:
+    return tuple(o for o in wanted if o not in entry.options)
+
+
+def helper_options(helper: str, wanted: Sequence[str]) -> str:
+    """The `-o` argument for a FUSE helper: its own word for read-write where it has one."""
+    words = shlex.split(helper)
+    rw = FUSE_RW_OPTION.get(os.path.basename(words[0])) if words else None
+    return ",".join(rw if (o == "rw" and rw) else o for o in wanted)
 
 
 # -- running tools ----------------------------------------------------------------------------
@@ -243,15 +258,20 @@ async def mount_camera(
     *,
     fuse_helpers: Mapping[str, str],
     limit_s: float,
+    writable: bool = False,
 ) -> Mounted:
-    """Mount `device` (udev's `fs_type`) at `point` with CAMERA_OPTIONS in force, checked.
-    Raises MountError (MountTimeout); on any error nothing is left mounted at `point`."""
+    """Mount `device` (udev's `fs_type`) at `point` with CAMERA_OPTIONS in force, checked (with
+    `writable`: CLEAR_OPTIONS, for the clear step). Raises MountError (MountTimeout); on any
+    error nothing is left mounted at `point`."""
     if await asyncio.to_thread(mount_at, point) is not None:
         raise MountError(f"{point}: something is already mounted there")
-    options = ",".join(CAMERA_OPTIONS)
-    what = f"mount {device} ({fs_type}) at {point}"
+    wanted = CLEAR_OPTIONS if writable else CAMERA_OPTIONS
+    options = ",".join(wanted)
+    what = f"mount {device} ({fs_type}) {'read-write ' if writable else ''}at {point}"
+    # -w: util-linux would otherwise fall back to read-only on a write-protected device
+    rw_flag = ["-w"] if writable else []
     ran = await _run(
-        ["mount", "-i", "-t", fs_type, "-o", options, device, str(point)],
+        ["mount", "-i", *rw_flag, "-t", fs_type, "-o", options, device, str(point)],
         limit_s,
         what,
         error=MountError,
@@ -262,47 +282,58 @@ async def mount_camera(
         if helper is None or await asyncio.to_thread(kernel_has, fs_type):
             raise MountError(f"{what}: {_say(ran)}")
         driver = f"fuse:{helper}"
-        argv = [*shlex.split(helper), "-o", options, device, str(point)]
+        argv = [*shlex.split(helper), "-o", helper_options(helper, wanted), device, str(point)]
         ran = await _run(argv, limit_s, f"{what} with {helper}", error=MountError)
         if ran.returncode != 0:
             await _undo(point, limit_s)
             raise MountError(f"{what} with {helper}: {_say(ran)}")
     try:
-        return await _check(device, fs_type, point, driver, limit_s)
+        return await _check(device, fs_type, point, driver, limit_s, writable)
     except BaseException:
         await _undo(point, limit_s)
         raise
 
 
-async def _check(device: str, fs_type: str, point: Path, driver: str, limit_s: float) -> Mounted:
+async def _check(
+    device: str, fs_type: str, point: Path, driver: str, limit_s: float, writable: bool
+) -> Mounted:
+    wanted = CLEAR_OPTIONS if writable else CAMERA_OPTIONS
     entry = await asyncio.to_thread(mount_at, point)
     if entry is None:
         raise MountError(f"{device} at {point}: the mount tool succeeded but nothing is mounted")
     first = entry
     remounted = False
-    if missing_options(entry):
+    if missing_options(entry, wanted):
         remounted = True
         ran = await _run(
-            ["mount", "-i", "-o", "remount," + ",".join(CAMERA_OPTIONS), str(point)],
+            ["mount", "-i", "-o", "remount," + ",".join(wanted), str(point)],
             limit_s,
-            f"remount {point} with {','.join(missing_options(entry))}",
+            f"remount {point} with {','.join(missing_options(entry, wanted))}",
             error=MountError,
         )
         entry = await asyncio.to_thread(mount_at, point) or entry
-        if ran.returncode != 0 or missing_options(entry):
+        if ran.returncode != 0 or missing_options(entry, wanted):
             raise MountError(
-                f"{device} at {point} ({driver}): options {','.join(missing_options(entry))} "
-                f"not in force after a remount ({_say(ran)}); unmounted"
+                f"{device} at {point} ({driver}): options "
+                f"{','.join(missing_options(entry, wanted))} not in force after a remount "
+                f"({_say(ran)}); unmounted"
             )
+    if writable and "rw" not in entry.super_options:
+        # the mount is rw but the filesystem under it is not (a write-protected card)
+        raise MountError(
+            f"{device} at {point} ({driver}): the filesystem is read-only "
+            f"({','.join(entry.super_options)}); unmounted"
+        )
     return Mounted(
         point=point,
         device=device,
         fs_type=fs_type,
         driver=driver,
         mount_type=entry.fs_type,
-        honoured=tuple(o for o in CAMERA_OPTIONS if o in first.options),
+        honoured=tuple(o for o in wanted if o in first.options),
         remounted=remounted,
         options=entry.options,
+        writable=writable,
     )
 
 
@@ -310,6 +341,30 @@ async def _undo(point: Path, limit_s: float) -> None:
     """Best effort after a failed mount: whatever got mounted goes, lazily."""
     with contextlib.suppress(SourceError, OSError):
         await unmount(point, limit_s=limit_s, lazy=True)
+
+
+# -- sync -------------------------------------------------------------------------------------
+
+
+async def sync_camera(point: Path | None, device: str | None, *, limit_s: float) -> list[str]:
+    """Push what a read-write mount wrote to the device: `sync -f` (syncfs) on the mount, then
+    `sync DEVICE` (fsync of the block device: a FUSE driver such as fusefat writes through the
+    device's page cache and never flushes it itself; the kernel would only at its last close).
+    Bounded like every tool; returns what failed (empty when all went through)."""
+    failed: list[str] = []
+    steps = [["sync", "-f", str(point)]] if point is not None else []
+    if device is not None:
+        steps.append(["sync", device])
+    for argv in steps:
+        what = " ".join(argv)
+        try:
+            ran = await _run(argv, limit_s, what, error=UnmountError)
+        except UnmountError as exc:
+            failed.append(str(exc))
+            continue
+        if ran.returncode != 0:
+            failed.append(f"{what}: {_say(ran)}")
+    return failed
 
 
 # -- unmount ----------------------------------------------------------------------------------
@@ -352,9 +407,13 @@ def ours(mount_dir: Path, entries: Sequence[MountEntry]) -> list[MountEntry]:
 
 async def clean_stale(mount_dir: Path, *, limit_s: float) -> list[MountEntry]:
     """Unmount every mount under `mount_dir` (left by a daemon killed with its cameras mounted)
-    and remove the empty directories. Returns what was unmounted. Raises UnmountError."""
+    and remove the empty directories. A read-write one (killed during a clear) is synced first,
+    as far as its mountinfo names the device. Returns what was unmounted. Raises UnmountError."""
     entries = ours(mount_dir, await asyncio.to_thread(read_mountinfo))
     for entry in entries:
+        if "rw" in entry.options:
+            device = entry.source if entry.source.startswith("/dev/") else None
+            await sync_camera(entry.point, device, limit_s=limit_s)  # best effort
         await unmount(entry.point, limit_s=limit_s, lazy=True)
     await asyncio.to_thread(_remove_empty_dirs, mount_dir)
     return entries

@@ -14,6 +14,14 @@ up another bay, and a device's remove never overtakes its add.
 A mount is undone on every path: when the daemon releases the camera (its session ended), when
 the device goes (after the daemon let go of it, or `mount_timeout` later at the latest, lazily),
 at stop, and at start for mounts a killed daemon left under `mount_dir`.
+
+Clearing (`camera.clear = "after_upload"`, the Clearable capability): once the read-only mount
+is gone, the daemon may ask for a read-write mount of the same camera, at its own point
+`<mount_dir>/<serial>@clear` (`@` is never in a camera id). It is made only while the device that
+was docked is still there — udev asked afresh: same serial, same filesystem type and UUID, same
+device node — in that device's lane, and never while the read-only mount is still up (one
+filesystem, one driver at a time). It is synced and unmounted when the daemon closes it, and like
+any mount on undock (lazily) and at stop.
 """
 
 from __future__ import annotations
@@ -23,8 +31,9 @@ import contextlib
 import errno
 import os
 import re
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from dockd.config import UdevMatch
@@ -32,9 +41,10 @@ from dockd.config import UdevSource as UdevConfig
 from dockd.errors import SourceError
 from dockd.ids import CAMERA_ID_RE, CameraId, camera_id
 from dockd.observers.log import get as get_log
-from dockd.sources.base import Docked, Refused, SourceEvent, Undocked
+from dockd.sources.base import ClearRoot, Docked, Refused, SourceEvent, Undocked
 from dockd.sources.mount import (
     CAMERA_OPTIONS,
+    CLEAR_OPTIONS,
     Mounted,
     MountError,
     UnmountError,
@@ -42,11 +52,18 @@ from dockd.sources.mount import (
     clean_stale,
     mount_camera,
     prepare_point,
+    sync_camera,
     unmount,
 )
 
 SOURCE = "udev"
 FS_TYPE_RE = re.compile(r"^[a-z0-9_.-]{1,32}$")
+CLEAR_SUFFIX = "@clear"  # the clear step's mount point: `@` cannot be in a camera id
+FAT_TYPES = frozenset({"vfat", "msdos", "fat"})
+LABEL_KEPT = (
+    "the FAT volume label, which the FUSE driver shows as an empty file: removing it would "
+    "erase the label"
+)
 
 
 @dataclass(frozen=True)
@@ -62,6 +79,7 @@ class BlockDevice:
     fs_type: str | None = None
     fs_usage: str | None = None
     fs_label: str | None = None
+    fs_label_enc: str | None = None  # ID_FS_LABEL_ENC: the label with \xNN escapes, not mangled
     fs_uuid: str | None = None
     serial: str | None = None  # ID_SERIAL_SHORT
     vendor_id: str | None = None  # 4 hex digits, lower case
@@ -108,6 +126,7 @@ def describe(device: Any) -> BlockDevice:
         fs_type=prop("ID_FS_TYPE"),
         fs_usage=prop("ID_FS_USAGE"),
         fs_label=prop("ID_FS_LABEL"),
+        fs_label_enc=prop("ID_FS_LABEL_ENC"),
         fs_uuid=prop("ID_FS_UUID"),
         serial=prop("ID_SERIAL_SHORT"),
         vendor_id=vendor.lower() if vendor else None,
@@ -126,6 +145,12 @@ def _attribute(device: Any, name: str) -> str | None:
 
 def _int(value: str | None) -> int | None:
     return int(value) if value is not None and value.isdigit() else None
+
+
+def _unescape_enc(value: str) -> str:
+    r"""udev's `_ENC` form: bytes outside a safe set as \xNN; decoded as UTF-8."""
+    raw = re.sub(rb"\\x([0-9a-fA-F]{2})", lambda m: bytes([int(m.group(1), 16)]), value.encode())
+    return raw.decode("utf-8", "replace")
 
 
 # -- deciding ---------------------------------------------------------------------------------
@@ -168,11 +193,42 @@ def refusal(dev: BlockDevice, allowlist: Sequence[UdevMatch]) -> str | None:
     return None
 
 
+def same_medium(then: BlockDevice, now: BlockDevice | None) -> str | None:
+    """Why the device udev describes now is not the one that was docked (None: it is): the
+    clear step writes only to the medium whose files were offloaded."""
+    if now is None:
+        return "the device is gone"
+    if now.serial != then.serial:
+        return f"the device's serial is {now.serial!r} now"
+    if now.fs_type != then.fs_type:
+        return f"the device holds {now.fs_type or 'no filesystem'} now, not {then.fs_type}"
+    if then.fs_uuid is not None and now.fs_uuid != then.fs_uuid:
+        return f"another filesystem (UUID {now.fs_uuid}, was {then.fs_uuid}): another medium"
+    if (now.devname, now.major, now.minor) != (then.devname, then.major, then.minor):
+        return f"the device node changed ({now.devname}, was {then.devname})"
+    return None
+
+
+def label_files(dev: BlockDevice, mounted: Mounted) -> frozenset[str]:
+    """Root entries that are a FAT volume label, not a file: fusefat lists the label as an empty
+    file, and its unlink erases the label (measured). Only FAT through a FUSE driver."""
+    if dev.fs_type not in FAT_TYPES or not mounted.driver.startswith("fuse:"):
+        return frozenset()
+    names = {dev.fs_label, _unescape_enc(dev.fs_label_enc) if dev.fs_label_enc else None}
+    return frozenset(n.strip() for n in names if n and n.strip() and "/" not in n)
+
+
+def clear_point(mount_dir: Path, camera: str) -> Path:
+    return mount_dir / f"{camera}{CLEAR_SUFFIX}"
+
+
 # -- the source -------------------------------------------------------------------------------
 
 
 @dataclass(eq=False)
 class _Camera:
+    """A mount of a camera: the offload's (read-only) or the clear step's (read-write)."""
+
     dev: BlockDevice
     docked: Docked
     mounted: Mounted
@@ -193,6 +249,7 @@ class UdevSource:
         self._lanes: dict[str, asyncio.Task[None]] = {}  # devpath -> its latest work
         self._present: dict[str, _Camera] = {}  # devpath -> camera reported Docked
         self._mounts: dict[CameraId, _Camera] = {}  # camera -> its mount, until undone
+        self._clearing: dict[CameraId, _Camera] = {}  # camera -> its read-write mount
         self._refused: dict[str, tuple[tuple[str | None, ...], str]] = {}  # told once per medium
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -233,6 +290,113 @@ class UdevSource:
         if cam is not None and cam.docked == docked:
             await self._unmount(cam, "released")
 
+    async def open_for_clearing(self, docked: Docked) -> ClearRoot:
+        """Mount the camera read-write for the clear step, at its own point; see the module's
+        docstring. Raises SourceError (MountError) with the reason when it cannot."""
+        cam_id = CameraId(docked.camera)
+        camera = next((c for c in self._present.values() if c.docked == docked), None)
+        if self._stopping:
+            raise SourceError("the daemon is stopping")
+        if camera is None or camera.gone:
+            raise SourceError("the camera is no longer docked")
+        if cam_id in self._clearing:
+            raise SourceError("the camera is being cleared already")
+        reading = self._mounts.get(cam_id)
+        if reading is not None and reading.unmounting is not None:
+            # the session that just ended is letting go of it
+            with contextlib.suppress(UnmountError):
+                await asyncio.shield(reading.unmounting)
+        if cam_id in self._mounts:
+            raise SourceError("the camera is still mounted for reading")
+        got: list[ClearRoot] = []
+
+        async def work() -> None:
+            got.append(await self._mount_for_clearing(camera))
+
+        await self._in_lane(camera.dev, work)
+        return got[0]
+
+    async def _mount_for_clearing(self, camera: _Camera) -> ClearRoot:
+        """In the device's lane: after every udev event told before about it."""
+        dev = camera.dev
+        cam_id = CameraId(camera.docked.camera)
+        if camera.gone or self._present.get(dev.devpath) is not camera or self._stopping:
+            raise SourceError("the camera is no longer docked")
+        if cam_id in self._mounts or cam_id in self._clearing:
+            raise SourceError("the camera is mounted already")
+        try:
+            now = await asyncio.to_thread(_lookup, dev.devpath)
+        except OSError as exc:
+            raise SourceError(f"cannot ask udev about {dev.sysname}: {exc}") from None
+        why = same_medium(dev, now)
+        if why is not None:
+            raise SourceError(f"not the device that was offloaded: {why}")
+        assert dev.devname is not None and dev.fs_type is not None
+        point = clear_point(self.mount_dir, cam_id)
+        try:
+            await asyncio.to_thread(check_device, dev.devname, dev.major, dev.minor)
+            await asyncio.to_thread(prepare_point, point)
+            mounted = await mount_camera(
+                dev.devname,
+                dev.fs_type,
+                point,
+                fuse_helpers=self.config.fuse_helpers,
+                limit_s=self.config.mount_timeout,
+                writable=True,
+            )
+        except (MountError, OSError) as exc:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(os.rmdir, point)
+            self._log.error(
+                "camera_mount_failed",
+                camera=cam_id,
+                device=dev.sysname,
+                devname=dev.devname,
+                fs_type=dev.fs_type,
+                purpose="clear",
+                error=str(exc),
+            )
+            raise SourceError(f"read-write mount failed: {exc}") from None
+        clearing = _Camera(dev, camera.docked, mounted)
+        self._clearing[cam_id] = clearing
+        self._log.info(
+            "camera_mounted",
+            camera=cam_id,
+            device=dev.sysname,
+            devname=dev.devname,
+            mount_point=str(point),
+            fs_type=dev.fs_type,
+            driver=mounted.driver,
+            mount_type=mounted.mount_type,
+            purpose="clear",
+            asked=",".join(CLEAR_OPTIONS),
+            honoured=",".join(mounted.honoured),
+            dropped=",".join(o for o in CLEAR_OPTIONS if o not in mounted.honoured),
+            remounted=mounted.remounted,
+            options=",".join(mounted.options),
+        )
+        if mounted.driver != camera.mounted.driver or self._stopping:
+            # another driver may show other mtimes (FAT: local time, fusefat a month late):
+            # every file would look changed; better not to clear at all than to guess
+            why = (
+                "the daemon is stopping"
+                if self._stopping
+                else f"mounted read-write by {mounted.driver}, but offloaded through "
+                f"{camera.mounted.driver}: their file times may differ"
+            )
+            with contextlib.suppress(UnmountError):
+                await self._unmount(clearing, "not cleared")
+            raise SourceError(why)
+        keep = label_files(dev, mounted)
+        return ClearRoot(point, keep, LABEL_KEPT if keep else "")
+
+    async def close_after_clearing(self, docked: Docked) -> None:
+        """Sync what the clear step wrote, then unmount (lazily if the device went meanwhile).
+        Raises UnmountError if the mount cannot be undone."""
+        clearing = self._clearing.get(CameraId(docked.camera))
+        if clearing is not None and clearing.docked == docked:
+            await self._unmount(clearing, "clear_ended")
+
     async def stop(self) -> None:
         """Stop watching. A camera the daemon still reads is unmounted once it lets go of it:
         at its release, or at the latest when the event loop ends (asyncio.run cancels what is
@@ -249,7 +413,7 @@ class UdevSource:
             task.cancel()
         if pending:
             await asyncio.wait(pending, timeout=self.config.mount_timeout + 10)
-        for cam in list(self._mounts.values()):
+        for cam in [*self._mounts.values(), *self._clearing.values()]:
             self._spawn(self._unmount_when_done(cam))
 
     async def _unmount_when_done(self, cam: _Camera) -> None:
@@ -288,7 +452,26 @@ class UdevSource:
     def _submit(self, action: str, dev: BlockDevice) -> asyncio.Task[None]:
         """Queue `action` in `dev`'s lane: after everything udev told before about it."""
         previous = self._lanes.get(dev.devpath)
-        task = asyncio.create_task(self._lane(previous, action, dev), name=f"udev-{dev.sysname}")
+        return self._enqueue(dev, self._lane(previous, action, dev))
+
+    async def _in_lane(self, dev: BlockDevice, work: Callable[[], Awaitable[None]]) -> None:
+        """Run `work` in `dev`'s lane (after the events queued before it) and wait for it;
+        its exceptions are the caller's."""
+        previous = self._lanes.get(dev.devpath)
+
+        async def run() -> None:
+            if previous is not None:
+                await asyncio.wait([previous])
+            await work()
+
+        task = self._enqueue(dev, run())
+        await asyncio.wait([task])
+        if task.cancelled():  # the source is stopping
+            raise SourceError("the daemon is stopping")
+        task.result()
+
+    def _enqueue(self, dev: BlockDevice, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=f"udev-{dev.sysname}")
         self._lanes[dev.devpath] = task
 
         def done(t: asyncio.Task[None], devpath: str = dev.devpath) -> None:
@@ -362,6 +545,15 @@ class UdevSource:
                 )
             elif other is not None:  # the same camera back before its old mount was undone
                 await self._unmount_when_let_go(other)
+            clearing = self._clearing.get(CameraId(dev.serial))
+            if reason is None and clearing is not None:
+                if clearing.gone:  # the clear step's mount of it, from before it went
+                    await self._unmount_when_let_go(clearing)
+                else:
+                    reason = (
+                        f"camera {dev.serial} is being cleared from {clearing.dev.sysname}; "
+                        "one filesystem per camera"
+                    )
         if reason is not None:
             self._refuse(dev, reason)
             return
@@ -459,8 +651,13 @@ class UdevSource:
         if cam is None:
             return
         cam.gone = True
+        clearing = self._clearing.get(CameraId(cam.docked.camera))
+        if clearing is not None and clearing.dev.devpath == dev.devpath:
+            clearing.gone = True
         self._emit(Undocked(SOURCE, cam.docked.camera, cam.docked.location))
         await self._unmount_when_let_go(cam)
+        if clearing is not None and clearing.gone:
+            await self._unmount_when_let_go(clearing)
 
     async def _unmount_when_let_go(self, cam: _Camera) -> None:
         """The daemon releases an undocked camera once its session has stopped reading; if it
@@ -482,15 +679,29 @@ class UdevSource:
 
     async def _do_unmount(self, cam: _Camera, why: str) -> None:
         point = cam.mounted.point
+        limit = self.config.mount_timeout
+        device = cam.dev.devname if cam.mounted.writable and not cam.gone else None
+        if device is not None:
+            failed = await sync_camera(point, device, limit_s=limit)
+            if failed:
+                self._log.error("camera_sync_failed", camera=cam.docked.camera, errors=failed)
         try:
-            how = await unmount(point, limit_s=self.config.mount_timeout, lazy=cam.gone)
+            how = await unmount(point, limit_s=limit, lazy=cam.gone)
         except UnmountError as exc:
             self._log.error(
                 "camera_unmount_failed", camera=cam.docked.camera, point=str(point), error=str(exc)
             )
             raise
-        if self._mounts.get(CameraId(cam.docked.camera)) is cam:
-            del self._mounts[CameraId(cam.docked.camera)]
+        if device is not None:
+            # what a FUSE driver wrote as it let go (plain FUSE: umount does not wait for it)
+            failed = await sync_camera(None, device, limit_s=limit)
+            if failed:
+                self._log.error("camera_sync_failed", camera=cam.docked.camera, errors=failed)
+        cam_id = CameraId(cam.docked.camera)
+        if self._mounts.get(cam_id) is cam:
+            del self._mounts[cam_id]
+        if self._clearing.get(cam_id) is cam:
+            del self._clearing[cam_id]
         cam.unmounted.set()
         self._log.info(
             "camera_unmounted",
@@ -516,6 +727,17 @@ class UdevSource:
                 devname=entry.source,
                 mount_type=entry.fs_type,
             )
+
+
+def _lookup(devpath: str) -> BlockDevice | None:
+    """What udev says about `devpath` now, or None if it is gone (a thread: its own context)."""
+    import pyudev
+
+    try:
+        device = pyudev.Devices.from_path(pyudev.Context(), devpath)
+    except pyudev.DeviceNotFoundError:
+        return None
+    return describe(device)
 
 
 def _enumerate() -> list[BlockDevice]:

@@ -18,7 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from dockd.errors import IntegrityError, StoreConflict, StoreError, StoreUnavailable
+from dockd.errors import (
+    IntegrityError,
+    StoreConflict,
+    StoreError,
+    StoreRefused,
+    StoreUnavailable,
+)
 from dockd.offload.copy import fsync_dir
 from dockd.store.base import ObjectInfo
 from dockd.upload.throttle import TokenBucket
@@ -197,6 +203,8 @@ class FilesystemStore:
         return n
 
     def _classify(self, exc: OSError, key: str) -> StoreError:
+        if exc.errno == errno.ENAMETOOLONG:
+            return StoreRefused(f"{key}: the store's filesystem cannot hold this name (too long)")
         if exc.errno in _AWAY:
             return StoreUnavailable(f"{key}: store unavailable ({exc.strerror})")
         return StoreError(f"{key}: {exc.strerror or exc}")

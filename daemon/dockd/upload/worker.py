@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dockd.custody import summarize
-from dockd.errors import IntegrityError, StoreConflict, StoreError, StoreUnavailable
+from dockd.errors import (
+    IntegrityError,
+    StoreConflict,
+    StoreError,
+    StoreRefused,
+    StoreUnavailable,
+)
 from dockd.events import CameraStatus, Notice
 from dockd.events import Progress as ProgressEvent
 from dockd.evidence import keys, manifest, mhl, sums
@@ -188,7 +194,7 @@ class Uploader:
                 await attempt()
                 self.rt.problems.store(True)
                 return
-            except (StoreConflict, IntegrityError) as exc:
+            except (StoreConflict, StoreRefused, IntegrityError) as exc:
                 raise PermanentUploadError(str(exc)) from exc
             except (StoreUnavailable, StoreError, OSError) as exc:
                 tries += 1
