@@ -33,7 +33,7 @@ from dockd.events import (
     Subscription,
 )
 from dockd.evidence.signing import load_or_create
-from dockd.ids import CameraId, camera_id
+from dockd.ids import SESSION_ID_RE, CameraId, camera_id
 from dockd.journal import Journal, SessionRow, SessionState
 from dockd.journal.states import FINISHED_STATES
 from dockd.journal.thread import JournalThread
@@ -133,6 +133,7 @@ class Daemon:
                 while not queue.empty():
                     await self._on_source_event(queue.get_nowait())
                 await self._close_orphans(rt)
+                await self._release_finished_staging(rt)  # orphans closed empty just now
                 tg.create_task(self._supervise("sources", lambda: self._consume(queue)))
                 tg.create_task(self._supervise("uploader", self._uploader(rt)))
                 tg.create_task(self._supervise("status", self._status_writer))
@@ -246,6 +247,8 @@ class Daemon:
         except OSError:
             return
         for name in names:
+            if not SESSION_ID_RE.match(name):
+                continue  # not ours (lost+found of a staging filesystem, an admin's file)
             s = await rt.journal(j.session, name)
             if s is not None and s.state not in FINISHED_STATES:
                 continue

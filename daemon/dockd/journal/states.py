@@ -25,7 +25,8 @@ FILE_TRANSITIONS: dict[FileState, frozenset[FileState]] = {
     FileState.PENDING: frozenset(
         {FileState.VERIFIED, FileState.FAILED, FileState.UNSTABLE, FileState.ABANDONED}
     ),
-    FileState.VERIFIED: frozenset({FileState.STORED}),
+    # FAILED from VERIFIED: the store cannot hold it at all (a name too long); the camera keeps it
+    FileState.VERIFIED: frozenset({FileState.STORED, FileState.FAILED}),
     FileState.STORED: frozenset({FileState.CLEARED}),
     FileState.FAILED: frozenset(),
     FileState.UNSTABLE: frozenset(),

@@ -42,6 +42,10 @@ class PermanentUploadError(Exception):
     """Retrying cannot help (conflict, integrity); the session needs a person."""
 
 
+class FileRefused(Exception):
+    """The store cannot hold this one file (its name): it costs only itself."""
+
+
 class _HandBack(Exception):
     """A worker retired by `resize` gives its job back between two attempts."""
 
@@ -132,7 +136,26 @@ class Uploader:
         try:
             if isinstance(job, FileJob):
                 await self._start_session(session)
-                await self._retrying(lambda: self._upload_file(job), log, job.file.path)
+                try:
+                    await self._retrying(lambda: self._upload_file(job), log, job.file.path)
+                except FileRefused as exc:
+                    # recorded failed (left on the camera, listed in the manifest with the
+                    # reason); the session's other files and its manifest go on
+                    await self.rt.journal(
+                        self.rt.journal.journal.file_given_up,
+                        job.file,
+                        FileState.FAILED,
+                        f"the store cannot hold it: {exc}",
+                    )
+                    self.rt.bus.publish(
+                        Notice(
+                            "file_store_refused",
+                            session.camera,
+                            session.id,
+                            {"path": job.file.path, "error": str(exc)},
+                        )
+                    )
+                    return
                 c = self._counters.get(session.id)
                 if c is not None:
                     c.files_done += 1
@@ -194,7 +217,9 @@ class Uploader:
                 await attempt()
                 self.rt.problems.store(True)
                 return
-            except (StoreConflict, StoreRefused, IntegrityError) as exc:
+            except StoreRefused as exc:
+                raise FileRefused(str(exc)) from exc
+            except (StoreConflict, IntegrityError) as exc:
                 raise PermanentUploadError(str(exc)) from exc
             except (StoreUnavailable, StoreError, OSError) as exc:
                 tries += 1
