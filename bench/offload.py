@@ -55,12 +55,29 @@ import time
 import traceback
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "daemon"))  # runnable from a checkout without installing
+
+from _common import (  # noqa: E402  (helpers shared by the benchmarks in bench/)
+    CHUNK,
+    Meter,
+    MiB,
+    Result,
+    block_device_of,
+    clean,
+    cpu_seconds,
+    drop_caches,
+    is_root,
+    patched,
+    proc_status,
+    reset_peak_rss,
+    shq,
+    write_random,
+)
 
 import dockd.offload.copy as copy_mod  # noqa: E402
 from dockd.config import parse_config  # noqa: E402
@@ -69,173 +86,11 @@ from dockd.events import CameraStatus, EventBus, Notice  # noqa: E402
 from dockd.observers.log import setup as setup_logging  # noqa: E402
 from dockd.offload.copy import CopyJob, Progress, copy_file  # noqa: E402
 
-MiB = 1024 * 1024
-CHUNK = 8 * MiB  # dd bs=8M; dockd's default offload.chunk_size is the same
 TARGET_SPEEDUP_VS_CP = 3.0
 TARGET_RATIO_VS_IO = 1.15
 SMALL_PER_DIR = 500  # cameras number folders 100XXXXX, 101XXXXX, ... of a few hundred files
 DOCKD_TIMEOUT_S = 900.0
 METHODS = ("dd", "io", "cp", "copyfile", "copyfile2", "dockd")
-
-
-# --------------------------------------------------------------------------------------------
-# host facts: cache dropping, disk counters, memory, CPU
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def drop_caches(enabled: bool) -> None:
-    os.sync()
-    if enabled:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-
-
-def block_device_of(path: Path) -> str | None:
-    """Kernel name (as in /proc/diskstats) of the block device holding `path`, if any."""
-    st = os.stat(path)
-    link = Path(f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}")
-    try:
-        return link.resolve().name
-    except OSError:
-        return None
-
-
-@dataclass
-class DiskSample:
-    read_bytes: int = 0
-    write_bytes: int = 0
-    busy_ms: int = 0
-
-
-def disk_sample(dev: str | None) -> DiskSample | None:
-    if dev is None:
-        return None
-    with open("/proc/diskstats") as f:
-        for line in f:
-            p = line.split()
-            if len(p) >= 13 and p[2] == dev:
-                # fields: reads, merged, sectors read, ms, writes, merged, sectors written, ms,
-                # in flight, io_ticks (ms the device had I/O in flight), ...
-                return DiskSample(int(p[5]) * 512, int(p[9]) * 512, int(p[12]))
-    return None
-
-
-def proc_status(key: str) -> int:
-    """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5\n")
-        return True
-    except OSError:
-        return False
-
-
-def cpu_seconds() -> tuple[float, float]:
-    """(this process, waited-for children) user+sys CPU seconds."""
-    me = resource.getrusage(resource.RUSAGE_SELF)
-    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime, ch.ru_utime + ch.ru_stime
-
-
-def iowait_ticks() -> tuple[int, int]:
-    """(iowait, total) jiffies over all CPUs from /proc/stat."""
-    with open("/proc/stat") as f:
-        parts = [int(x) for x in f.readline().split()[1:]]
-    return parts[4], sum(parts)
-
-
-# --------------------------------------------------------------------------------------------
-# results
-
-
-@dataclass
-class Result:
-    case: str
-    method: str
-    label: str
-    seconds: float
-    bytes: int
-    files: int
-    cpu_s: float = 0.0
-    disk_read: int | None = None
-    disk_write: int | None = None
-    disk_busy_ms: int | None = None
-    iowait_pct: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    rep: int = 0
-
-    @property
-    def mb_s(self) -> float:
-        return self.bytes / self.seconds / 1e6 if self.seconds > 0 else float("inf")
-
-
-class Meter:
-    """Wall time, CPU (self + children), block-device counters and iowait around one run."""
-
-    def __init__(self, devices: list[str | None]) -> None:
-        self.devices = [d for d in devices if d]
-
-    def __enter__(self) -> Meter:
-        self._cpu = cpu_seconds()
-        self._disk = {d: disk_sample(d) for d in self.devices}
-        self._iow = iowait_ticks()
-        self._t = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self._t
-        cpu = cpu_seconds()
-        self.cpu_s = (cpu[0] - self._cpu[0]) + (cpu[1] - self._cpu[1])
-        iow = iowait_ticks()
-        total = iow[1] - self._iow[1]
-        self.iowait_pct = 100.0 * (iow[0] - self._iow[0]) / total if total else None
-        self.disk: dict[str, DiskSample] = {}
-        for d, before in self._disk.items():
-            after = disk_sample(d)
-            if before and after:
-                self.disk[d] = DiskSample(
-                    after.read_bytes - before.read_bytes,
-                    after.write_bytes - before.write_bytes,
-                    after.busy_ms - before.busy_ms,
-                )
-
-    def result(
-        self,
-        case: str,
-        method: str,
-        label: str,
-        nbytes: int,
-        nfiles: int,
-        disk_dev: str | None,
-        **extra: Any,
-    ) -> Result:
-        d = self.disk.get(disk_dev or "")
-        return Result(
-            case,
-            method,
-            label,
-            self.seconds,
-            nbytes,
-            nfiles,
-            self.cpu_s,
-            d.read_bytes if d else None,
-            d.write_bytes if d else None,
-            d.busy_ms if d else None,
-            self.iowait_pct,
-            dict(extra),
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,16 +124,6 @@ def make_cases(args: argparse.Namespace) -> list[Case]:
             small.append((f"{folder}/IMG{n:05d}.JPG", size))
         cases.append(Case("small", "BENCHSMALL1", small))
     return cases
-
-
-def write_random(path: Path, size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        left = size
-        while left:
-            n = min(left, CHUNK)
-            f.write(os.urandom(n))
-            left -= n
 
 
 class Camera:
@@ -384,17 +229,8 @@ class Camera:
             self.loop_dev = None
 
 
-def clean(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
-    os.sync()
-
-
 # --------------------------------------------------------------------------------------------
 # (c) the I/O bound
-
-
-def shq(p: Path | str) -> str:
-    return "'" + str(p).replace("'", "'\\''") + "'"
 
 
 def run_dd(case: Case, src: Path, dst: Path, env: Env) -> Result:
@@ -570,20 +406,6 @@ class _HashlibShim:
                 return h.hexdigest()
 
         return _H()
-
-
-@contextlib.contextmanager
-def patched(target: Any, **names: Any) -> Iterator[None]:
-    """Replace attributes of a module or class for the duration; dockd's code runs unchanged,
-    its global-name lookups just find the wrappers."""
-    saved = {name: getattr(target, name) for name in names}
-    for name, value in names.items():
-        setattr(target, name, value)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(target, name, value)
 
 
 def instrumented_copy_module(clock: _Clock) -> contextlib.AbstractContextManager[None]:
