@@ -396,7 +396,8 @@ def print_dockd(case: str, f: dict[str, Any]) -> None:
         f"  dockd [{case}]: {f['files']} files in {f['seconds']:.2f} s = {f['files_s']:.0f} "
         f"files/s, {f['mb_s']:.0f} MB/s; CPU {f['cpu_s']:.1f} s ({f['cpu_user_s']:.1f} user + "
         f"{f['cpu_sys_s']:.1f} sys) = {f['cpu_s_per_gb']:.1f} CPU-s/GB; peak RSS "
-        f"{f['peak_rss_mib']:.0f} MiB"
+        f"{f['peak_rss_mib']:.0f} MiB (with the harness's time-split spans, ~0.1 KiB a file; "
+        "memory.py measures memory without them)"
     )
     fpc = f["files_per_commit"]
     print(

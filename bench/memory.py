@@ -98,11 +98,20 @@ def one_run(
     offload: dict[str, Any] = {}
     if args.parallel:
         offload["parallel_cameras"] = args.parallel
+    store: dict[str, Any] = {
+        "kind": "filesystem",
+        "path": str(base / "store" if args.upload else base / "x"),
+    }
+    if args.s3 is not None:
+        client = args.s3.client()
+        store = args.s3.store_config(args.s3.bucket(client, f"mem{n}"), base / "s3-secret")
+    if args.chunk_mib:
+        offload["chunk_size"] = args.chunk_mib * 1024 * 1024
     spec = Spec(
         work=base,
         dock_dir=dock,
         cams=cam_list,
-        store={"kind": "filesystem", "path": str(base / "store" if args.upload else base / "x")},
+        store=store,
         offload=offload,
         can_drop=is_root(),
         devices=[d for d in [disk] if d],
@@ -145,6 +154,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_false",
         help="no uploads while offloading (store away)",
     )
+    ap.add_argument(
+        "--s3",
+        action="store_true",
+        help="upload to a local SeaweedFS S3 server (upload.py's) instead of a directory",
+    )
+    ap.add_argument("--chunk-mib", type=int, default=0, help="offload.chunk_size (default 8)")
     ap.add_argument("--dir", type=Path, default=None)
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--seed", type=int, default=11)
@@ -155,6 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     work = make_workdir(args.dir, "dockd-memory-")
     t_all = time.perf_counter()
+    s3 = None
+    if args.s3:
+        from upload import SeaweedFS
+
+        s3 = SeaweedFS(work / "s3")
+        if why := s3.available():
+            print(f"memory: --s3: {why}")
+            return 1
+        s3.start()
+    args.s3 = s3
     sizes = [args.files] if args.no_double else [args.files, 2 * args.files]
     runs = []
     try:
@@ -175,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             f"cameras  : {args.cams} folders of N files ({args.min_kib}-{args.max_kib} KiB), "
             f"N = {', '.join(map(str, sizes))}; hard links of one generated tree per N "
             f"(generated in {gen_s:.1f} s); uploads {'on' if args.upload else 'off'}"
+            + (" to SeaweedFS S3" if s3 else "")
+            + (f"; offload.chunk_size {args.chunk_mib} MiB" if args.chunk_mib else "")
         )
         sys.stdout.flush()
         for n in sizes:
@@ -284,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
                 },
             )
     finally:
+        if s3 is not None:
+            s3.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

@@ -278,6 +278,21 @@ def _mount(*args: str) -> None:
         raise RuntimeError(f"mount {' '.join(args)}: {r.stderr.strip()}")
 
 
+def _remount(path: str, how: str, within: float = 15.0) -> None:
+    """`mount -o remount,<how>`; a read-only remount is refused (EBUSY) while a file is open
+    for writing there (the daemon writing an object), so it is asked again until it goes."""
+    deadline = time.monotonic() + within
+    while True:
+        r = subprocess.run(
+            ["mount", "-o", f"remount,{how}", path], capture_output=True, text=True, check=False
+        )
+        if r.returncode == 0:
+            return
+        if "busy" not in r.stderr or time.monotonic() > deadline:
+            raise RuntimeError(f"mount -o remount,{how} {path}: {r.stderr.strip()}")
+        time.sleep(0.02)
+
+
 def _umount(path: Path | str) -> None:
     r = subprocess.run(["umount", str(path)], capture_output=True, text=True, check=False)
     if r.returncode != 0:
@@ -308,6 +323,7 @@ class DaemonRun:
         self.maybe: dict[str, set[str]] = {}
         self.snapshots: dict[str, Callable[[str, bytes], bool]] = {}
         self.store: StoreView | None = None
+        self.store_view_now: StoreView | None = None  # where the store is now (None: away)
         self.broker: Any = None
         self.recorder: Any = None
         self.mqtt_seen = 0
@@ -358,6 +374,7 @@ class DaemonRun:
             self.store = S3StoreView(s3.client(), bucket, "ev/")
         else:
             self.store = FsStoreView(self.site.evidence)
+        self.store_view_now = self.store
         if spec.mqtt:
             import mqtt_harness
 
@@ -419,10 +436,11 @@ class DaemonRun:
     def crash_point(self) -> None:
         """The daemon is dead: what its journal says is so, and all it told is backed."""
         j = JournalView(self.site.state / "journal.sqlite3")
-        assert self.store is not None
-        self.ck.durable_state(j, self.store, self.site.state / "staging")
-        self.ck.told(j, self.store, self.proc.events, self._mqtt_new())
-        self.ck.camera_clear(j, self.store, self.models(docked_only=True))
+        store = self.store_view_now  # None while the store is away: checks leave it out
+        self.ck.durable_state(j, store, self.site.state / "staging")
+        self.ck.told(j, store, self.proc.events, self._mqtt_new())
+        if store is not None:
+            self.ck.camera_clear(j, store, self.models(docked_only=True))
 
     def _mqtt_new(self) -> list[tuple[str, Any]]:
         if self.recorder is None:
@@ -565,14 +583,19 @@ class DaemonRun:
                 return
 
     def _finish(self) -> None:
-        for cam in self.cams:
-            if not cam.docked:
-                cam.dock()
         if self.proc is None or not self.proc.running:
             self.start()
+        mark = self.proc.mark()
+        docked_now = [cam for cam in self.cams if not cam.docked]
+        for cam in docked_now:
+            cam.dock()
+        for cam in docked_now:  # its session is open before "all done" can be judged
+            with contextlib.suppress(AssertionError):
+                self.proc.wait_for(
+                    "session_opened", lambda e, c=cam.name: e.get("camera") == c, after=mark
+                )
         self.wait_done()
-        if self.spec.clear:
-            self.settle()
+        self.settle(quiet=0.6 if self.spec.clear else 0.3)
         if self.proc.running:
             rc = self.proc.sigterm()
             self.ck.check("graceful_stop", rc == 0, f"SIGTERM exit {rc}")
@@ -727,21 +750,43 @@ class DaemonRun:
         self.stack.callback(_umount, self.site.evidence)
         self.stack.callback(self.site.kill_all)
 
-    def _store_fault(self, start: Callable[[], None], end: Callable[[], None], name: str) -> None:
+    def _store_fault(
+        self,
+        start: Callable[[], None],
+        end: Callable[[], None],
+        name: str,
+        meanwhile: StoreView | None = None,
+    ) -> None:
+        """Cameras at work, then the store fault from a random moment, kills while it lasts,
+        then the store back. `meanwhile`: where the crash-point checks read the store while
+        it is away (None: they leave the store out)."""
         for _ in range(self.rng.randint(1, 2)):
             self.camera().dock()
         self.start()
         event = self.rng.choice(["file_verified", "safe_to_undock", "file_stored"])
         with contextlib.suppress(AssertionError):
             self.proc.wait_for(event, timeout=30)
-        start()
-        self.faults[name] += 1
+        ended = [False]
+
+        def back() -> None:
+            if not ended[0]:
+                ended[0] = True
+                end()
+                self.store_view_now = self.store
+
+        self.stack.callback(back)  # whatever happens, the store comes back (S3: the server)
         mark = self.proc.mark()
+        start()
+        self.store_view_now = meanwhile
+        self.camera().dock()  # work for the store while it is away, whatever was done before
+        self.faults[name] += 1
+        seen = None
         with contextlib.suppress(AssertionError):
-            self.proc.wait_for("store_unreachable", after=mark, timeout=15)
+            seen = self.proc.wait_for("store_unreachable", after=mark, timeout=20)
+        self.ck.check("fault_happened", seen is not None, f"{name}: the daemon never noticed")
         if self.spec.kills:
             self._kills(name)
-        end()
+        back()
 
     def kind_store_readonly(self) -> None:
         if self.spec.store != "fs":
@@ -749,25 +794,28 @@ class DaemonRun:
         self._tmpfs_store()
         ev = str(self.site.evidence)
         self._store_fault(
-            lambda: _mount("-o", "remount,ro", ev),
-            lambda: _mount("-o", "remount,rw", ev),
+            lambda: _remount(ev, "ro"),
+            lambda: _remount(ev, "rw"),
             "store_readonly",
+            self.store,
         )
 
     def kind_store_away(self) -> None:
         if self.spec.store == "s3":
-            s3 = self.services.s3()
-            self._store_fault(lambda: self._s3_stop(s3), lambda: s3.start(), "store_away")
+            # a network outage between the dock and the S3 server (mqtt_harness.Cut, a TCP
+            # relay): the server stays up for the other runs and for the checks
+            relay = Relay(self.services.s3().endpoint_url)
+            self.stack.callback(relay.close)
+            self.site.configure(store={"endpoint_url": relay.url})
+            self._store_fault(relay.cut, relay.restore, "store_away", self.store)
             return
         away = self.base / "evidence.away"
         self._store_fault(
             lambda: self.site.evidence.rename(away),
             lambda: away.rename(self.site.evidence),
             "store_away",
+            FsStoreView(away),
         )
-
-    def _s3_stop(self, s3: Any) -> None:
-        s3.stop()
 
     def kind_store_full(self) -> None:
         if self.spec.store != "fs":
@@ -998,6 +1046,34 @@ class DaemonRun:
             return seen[0] >= nth
 
         return nth_pred, label
+
+
+class Relay:
+    """mqtt_harness.Cut (a TCP relay that can drop every connection and refuse new ones) on an
+    event loop of its own thread, in front of an HTTP endpoint."""
+
+    def __init__(self, endpoint: str) -> None:
+        import mqtt_harness
+
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+        self._thread.start()
+        self._cut = mqtt_harness.Cut(int(endpoint.rsplit(":", 1)[1].strip("/")))
+        asyncio.run_coroutine_threadsafe(self._cut.start(), self._loop).result(10)
+        self.url = f"http://127.0.0.1:{self._cut.port}"
+
+    def cut(self) -> None:
+        self._loop.call_soon_threadsafe(self._cut.cut)
+
+    def restore(self) -> None:
+        self._loop.call_soon_threadsafe(self._cut.restore)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(self._cut.close(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
 
 
 # --------------------------------------------------------------------------------------------
