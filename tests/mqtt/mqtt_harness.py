@@ -72,6 +72,7 @@ class Broker:
             "user root\npersistence false\nlog_dest stderr\nlog_type all\n" + extra
         )
         self.proc: subprocess.Popen[bytes] | None = None
+        self.reader: threading.Thread | None = None
         self.lines: list[str] = []
         self._cond = threading.Condition()
 
@@ -83,7 +84,8 @@ class Broker:
             stdin=subprocess.DEVNULL,
         )
         mark = len(self.lines)
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
+        self.reader = threading.Thread(target=self._read, args=(self.proc,), daemon=True)
+        self.reader.start()
         self.wait_log("running", after=mark)
 
     def _read(self, proc: subprocess.Popen[bytes]) -> None:
@@ -118,6 +120,11 @@ class Broker:
         except subprocess.TimeoutExpired:
             os.kill(proc.pid, 9)
             proc.wait(10)
+        # The old broker's "<exited>" line must be in `lines` before a restart takes its mark,
+        # or the new broker's wait would read the old one's exit as its own.
+        if self.reader is not None:
+            self.reader.join(10)
+            self.reader = None
 
     def restart(self) -> None:
         self.stop()
