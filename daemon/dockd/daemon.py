@@ -15,6 +15,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -568,10 +569,19 @@ def _observe(observer: Observer, sub: Subscription) -> Callable[[], Awaitable[No
 
 
 def _remove_tree(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
+    """Remove a staging folder. Gone already (or going, entry by entry) is what was asked:
+    a session that ends `empty` during start-up removes its own folder while this runs."""
+
+    def gone_is_fine(func: object, p: str, exc: BaseException) -> None:
+        if not isinstance(exc, FileNotFoundError):
+            raise exc
+
+    if not path.is_dir():
         path.unlink(missing_ok=True)
+    elif sys.version_info >= (3, 12):
+        shutil.rmtree(path, onexc=gone_is_fine)
+    else:
+        shutil.rmtree(path, onerror=lambda f, p, info: gone_is_fine(f, p, info[1]))
     fsync_dir(path.parent)
 
 

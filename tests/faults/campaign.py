@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     campaign = Campaign()
     services = Services(work / "services")
+    # SIGTERM: unwind (each run's mounts and daemons, the S3 server) and keep the report
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     t0 = time.monotonic()
     try:
         for i, spec in enumerate(specs, 1):

@@ -412,8 +412,27 @@ class DaemonRun:
         return cam
 
     def start(self) -> Any:
-        self.proc = self.site.start()
-        return self.proc
+        """Start `dockd run` and wait for it to be ready. A daemon that exits before it is
+        ready is a violation (`daemon_started`); it is started again, as systemd would
+        (Restart=on-failure), up to three times."""
+        for attempt in range(3):
+            try:
+                self.proc = self.site.start()
+                return self.proc
+            except AssertionError:
+                p = self.site.processes[-1]
+                if p.running or attempt == 2:
+                    raise
+                self.proc = p
+                p.wait_exit(30)
+                err = p.log_file.with_suffix(".stderr").read_text(errors="replace")
+                last = [ln for ln in err.splitlines() if ln.strip()][-1:] or ["(nothing)"]
+                self.ck.check(
+                    "daemon_started",
+                    False,
+                    f"dockd exited (rc {p.proc.returncode}) before it was ready: {last[0].strip()}",
+                )
+        raise AssertionError("unreachable")
 
     # -- faults ------------------------------------------------------------------------------
 
@@ -1105,6 +1124,8 @@ class UsbRun:
             stack.callback(devs.close)
             (self.base / "site").mkdir()
             dock = us.Dock(self.base / "site", bed)
+            if self.spec.clear:  # cleared through a read-write mount made for that step only
+                dock.settings = {"camera": {"clear": "after_upload"}}
             stack.callback(dock.close)
             rng = self.rng
             serial = f"X6USB{self.spec.seed % 100000:05d}"
@@ -1145,7 +1166,13 @@ class UsbRun:
                 self.ck.durable_state(j, store, dock.state / "staging")
                 self.ck.told(j, store, proc.events)
                 proc = dock.start()
-            dock.wait_uploaded(proc, serial)
+            self._wait_done(dock, proc, serial, set(files))
+            if self.spec.clear:  # until the clear is done: nothing logged for a second
+                t0, n, last = time.monotonic(), proc.mark(), time.monotonic()
+                while time.monotonic() - t0 < 20 and time.monotonic() - last < 1.0:
+                    time.sleep(0.1)
+                    if proc.mark() != n:
+                        n, last = proc.mark(), time.monotonic()
             rc = proc.sigterm()
             self.ck.check("graceful_stop", rc == 0, f"SIGTERM exit {rc}")
             j = JournalView(dock.state / "journal.sqlite3")
@@ -1154,7 +1181,20 @@ class UsbRun:
             self.ck.told(j, store, proc.events)
             self.ck.durable_state(j, store, dock.state / "staging")
             self.ck.custody_order(j)
-            self.ck.once_in_store(store, [CamModel(serial, dict(image.files))])
+            model = CamModel(serial, dict(image.files))
+            self.ck.once_in_store(store, [model])
+            if self.spec.clear:  # what is left on the camera, read from its image
+                seen = self.base / "camera-after"
+                seen.mkdir()
+                us.run("mount", "-o", "ro,noload", image.loop, str(seen))
+                try:
+                    model.root = seen
+                    self.ck.camera_clear(j, store, [model])
+                    self.result.notes.append(
+                        f"{sum(1 for p in seen.rglob('*') if p.is_file())} files left on camera"
+                    )
+                finally:
+                    us.run("umount", str(seen), check=False)
             self.ck.leftovers(dock.state / "staging", store, j)
             env = {k: v for k, v in us.tool_env().items() if k != "DOCKD_CONFIG"}
             self.ck.cli(dock.config, [s["id"] for s in sessions_of(j)], env)
@@ -1162,6 +1202,27 @@ class UsbRun:
             self.ck.check("usb_unmounted", not left, f"mounts left: {left}")
         self.result.checks.update(self.ck.checks)
         self.result.violations.extend(self.ck.violations)
+
+    def _wait_done(self, dock: Any, proc: Any, serial: str, paths: set[str]) -> None:
+        """Every session of the camera finished (uploaded, cleared or empty), every file in the
+        store."""
+        j = JournalView(dock.state / "journal.sqlite3")
+        deadline = time.monotonic() + WAIT_DONE_S
+        while True:
+            states = {s["id"]: s["state"] for s in dock.sessions(serial)}
+            stored = {
+                r["path"]
+                for r in j.query(
+                    "SELECT path FROM files WHERE camera = ? AND state IN ('stored', 'cleared')",
+                    serial,
+                )
+            }
+            if states and set(states.values()) <= set(FINAL_STATES) and paths <= stored:
+                return
+            if "upload_failed" in states.values() or time.monotonic() > deadline:
+                self.ck.check("finished", False, f"{states}\n{proc.tail()}")
+                return
+            time.sleep(0.15)
 
 
 # --------------------------------------------------------------------------------------------

@@ -87,9 +87,7 @@ rooth = _load("faults_root_harness", TESTS / "conftest.py")
 
 # check name -> the daemon bug, still open, that a violation of it is (pinned by an xfail in
 # test_campaign_findings.py). The others the campaign found are fixed: regression tests now.
-KNOWN_BUGS = {
-    "store_temporaries": "test_store_away_mid_put_leaves_no_temporary_behind",
-}
+KNOWN_BUGS: dict[str, str] = {}
 CRASH_EVENTS = ("session_crashed", "task_crashed", "daemon_failed", "udev_event_failed")
 FINAL_STATES = ("uploaded", "cleared", "empty")
 DOCKD = [sys.executable, "-m", "dockd"]

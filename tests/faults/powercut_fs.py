@@ -26,6 +26,8 @@ again, and the daemon restarts on what a real disk would have kept.
 
 `arm(..., drop=False)` is the same freeze without the loss: a kill -9 placed at an exact
 filesystem operation (say, the first unlink of the staging release), the op itself not done.
+`hook(when, action)` runs `action` at an exact operation and then serves it: the world changes
+(another party removes a folder, say) just before the daemon's operation reaches the disk.
 
 What it does not model: torn writes inside one write(2) (a write is all or nothing here, and
 SQLite's WAL checksums would catch a torn frame anyway), reordering of fsynced data (an fsync is a
@@ -190,6 +192,7 @@ class PowerCutFS:
         self._dead = False  # cut: nothing is applied any more
         self._drop = True  # a cut drops what was not durable (False: a freeze, a kill -9)
         self._armed: tuple[Callable[[Op], bool], Callable[[], None], bool] | None = None
+        self._hook: tuple[Callable[[Op], bool], Callable[[Op], None]] | None = None
         self.cut_event = threading.Event()
         self._fd: int | None = None
         self._fd_lock = threading.Lock()
@@ -225,6 +228,12 @@ class PowerCutFS:
 
     def disarm(self) -> None:
         self._armed = None
+
+    def hook(self, when: Callable[[Op], bool], action: Callable[[Op], None]) -> None:
+        """Run `action(op)` in the server thread at the first request of any kind (`op.n`:
+        the mutating ops so far) that `when` accepts, then serve that request as usual: the
+        world changed just before the daemon's operation reached the disk."""
+        self._hook = (when, action)
 
     def cut(self) -> None:
         """The power goes now (from another thread)."""
@@ -536,6 +545,11 @@ class PowerCutFS:
             return 0, b""
         if self._dead:
             return errno.EIO, b""
+        if self._hook is not None:
+            op = Op(self.ops, name, self._relpath(nodeid), _first_name(opcode, body), pid)
+            if self._hook[0](op):
+                action, self._hook = self._hook[1], None
+                action(op)
         if opcode in MUTATING:
             self.ops += 1
             armed = self._armed

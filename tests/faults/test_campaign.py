@@ -38,7 +38,7 @@ CI_PLAN = [
     RunSpec("bad_sectors", 209, kills=1),
     RunSpec("bad_sectors", 210, variant="bad_blocks"),
     RunSpec("powercut", 211, kills=3),
-    RunSpec("usb", 212, kills=3),
+    RunSpec("usb", 212, kills=3, clear=True),
     RunSpec("bitflip", 213),
     RunSpec("bitflip", 214),
 ]

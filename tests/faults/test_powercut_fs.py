@@ -182,3 +182,15 @@ def test_sqlite_wal_commits_survive_only_when_fsynced(
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         conn.close()
+
+
+def test_hook_changes_the_world_then_serves_the_request(layer: PowerCutFS) -> None:
+    mnt = layer.mountpoint
+    (mnt / "d").mkdir()
+    seen: list[str] = []
+    layer.hook(
+        lambda op: op.name == "opendir" and op.path == "d",
+        lambda op: seen.append(op.name) or (layer.backing / "d" / "new").write_bytes(b"x"),
+    )
+    assert os.listdir(mnt / "d") == ["new"]  # made by the hook, just before the listing
+    assert seen == ["opendir"] and not layer.dead

@@ -98,39 +98,52 @@ class FilesystemStore:
             self._mkdirs(dest.parent)
             incoming = self.root / INCOMING
             incoming.mkdir(mode=DIR_MODE, exist_ok=True)
-            tmp = incoming / f"{secrets.token_hex(8)}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            # The temporary is named relative to a descriptor of `.incoming/`, so it is removed
+            # even if the store's path goes away mid-put (an unmounted share, a moved folder):
+            # by path, the unlink would miss it and leave it there until the next start.
+            dir_fd = os.open(incoming, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                h = hashlib.sha256()
-                try:
-                    for chunk in chunks:
-                        if self.throttle is not None:
-                            self.throttle.take(len(chunk))
-                        h.update(chunk)
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                    os.fsync(fd)
-                    os.fchmod(fd, OBJECT_MODE)
-                finally:
-                    os.close(fd)
-                if not hmac.compare_digest(h.hexdigest(), sha256):
-                    # staging no longer holds what was verified: never send it on
-                    raise IntegrityError(
-                        f"{key}: staged copy hashes to {h.hexdigest()[:16]}…, journal says "
-                        f"{sha256[:16]}…"
-                    )
-                try:
-                    os.link(tmp, dest)
-                except FileExistsError:
-                    self._same_or_conflict(key, dest, sha256)
-                    return
-                fsync_dir(dest.parent)
+                self._put_via(dir_fd, key, dest, chunks, sha256)
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tmp)
+                os.close(dir_fd)
         except OSError as exc:
             raise self._classify(exc, key) from exc
+
+    def _put_via(
+        self, dir_fd: int, key: str, dest: Path, chunks: Iterator[bytes], sha256: str
+    ) -> None:
+        tmp = f"{secrets.token_hex(8)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        try:
+            h = hashlib.sha256()
+            try:
+                for chunk in chunks:
+                    if self.throttle is not None:
+                        self.throttle.take(len(chunk))
+                    h.update(chunk)
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.fsync(fd)
+                os.fchmod(fd, OBJECT_MODE)
+            finally:
+                os.close(fd)
+            if not hmac.compare_digest(h.hexdigest(), sha256):
+                # staging no longer holds what was verified: never send it on
+                raise IntegrityError(
+                    f"{key}: staged copy hashes to {h.hexdigest()[:16]}…, journal says "
+                    f"{sha256[:16]}…"
+                )
+            try:
+                os.link(tmp, dest, src_dir_fd=dir_fd)
+            except FileExistsError:
+                self._same_or_conflict(key, dest, sha256)
+                return
+            fsync_dir(dest.parent)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=dir_fd)
 
     def _mkdirs(self, path: Path) -> None:
         missing = []
