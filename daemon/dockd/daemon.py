@@ -93,7 +93,8 @@ class Daemon:
         dock_key = await asyncio.to_thread(load_or_create, cfg.key_file, cfg.dock.id)
         journal = await asyncio.to_thread(Journal.open, cfg.journal_path, cfg.dock.id)
         jt = JournalThread(journal)
-        store = build_store(cfg)
+        # boto3's import and client set-up take most of a second: not on the loop
+        store = await asyncio.to_thread(build_store, cfg)
         problems = Problems()
         rt = self.rt = Runtime(
             config=cfg,
@@ -155,8 +156,10 @@ class Daemon:
         finally:
             for sub in subs:
                 self.bus.unsubscribe(sub)
-            rt.offload_pool.shutdown(wait=True, cancel_futures=True)
-            rt.upload_pool.shutdown(wait=True, cancel_futures=True)
+            # parked copies end at their next chunk; waited for off the loop, so the watchdog
+            # and the observers' last words are not held up behind them
+            for pool in (rt.offload_pool, rt.upload_pool):
+                await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
             jt.close()
         if self._failure is not None:
             raise DaemonFailed(f"stopped: {self._failure}")
