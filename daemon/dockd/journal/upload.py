@@ -6,7 +6,7 @@ within a session files in path order; the manifest last.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from dockd import __version__
 from dockd.errors import JournalError
@@ -73,19 +73,31 @@ class UploadJournal(Db):
 
     def file_stored(self, f: FileRow, key: str, sha256: str, method: str) -> None:
         with self.tx():
-            row = self.one("SELECT state FROM files WHERE id = ?", f.id)
-            assert row is not None
-            old = FileState(row["state"])
-            if old in (FileState.STORED, FileState.CLEARED):
-                return  # a retry after a crash between store write and this record
-            check_file(old, FileState.STORED, f"{f.session_id}/{f.path}")
-            self.conn.execute(
-                "UPDATE files SET state = ?, key = ?, stored_at = ?, error = NULL WHERE id = ?",
-                (FileState.STORED, key, utc_now(), f.id),
-            )
-            self.custody(
-                "file_stored", f.session_id, path=f.path, key=key, sha256=sha256, verified_by=method
-            )
+            self._file_stored(f, key, sha256, method)
+
+    def files_stored(self, stored: Sequence[tuple[FileRow, str, str, str]]) -> None:
+        """`file_stored` for a batch of (file, key, sha256, method), in one transaction: the
+        same state changes and the same custody records, one per file, in this order."""
+        if not stored:
+            return
+        with self.tx():
+            for f, key, sha256, method in stored:
+                self._file_stored(f, key, sha256, method)
+
+    def _file_stored(self, f: FileRow, key: str, sha256: str, method: str) -> None:
+        row = self.one("SELECT state FROM files WHERE id = ?", f.id)
+        assert row is not None
+        old = FileState(row["state"])
+        if old in (FileState.STORED, FileState.CLEARED):
+            return  # a retry after a crash between store write and this record
+        check_file(old, FileState.STORED, f"{f.session_id}/{f.path}")
+        self.conn.execute(
+            "UPDATE files SET state = ?, key = ?, stored_at = ?, error = NULL WHERE id = ?",
+            (FileState.STORED, key, utc_now(), f.id),
+        )
+        self.custody(
+            "file_stored", f.session_id, path=f.path, key=key, sha256=sha256, verified_by=method
+        )
 
     def file_upload_error(self, f: FileRow, error: str) -> None:
         with self.tx():

@@ -7,10 +7,12 @@ Implementations are blocking; callers run them in worker threads.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Protocol, runtime_checkable
+
+from dockd.errors import IntegrityError, StoreError
 
 
 @dataclass(frozen=True)
@@ -50,3 +52,44 @@ class Store(Protocol):
     def manifests(self) -> Iterator[str]: ...
 
     def check(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class PutItem:
+    """One staged file of a batch: its store key, its staged copy, and what the journal says."""
+
+    key: str
+    source: Path
+    sha256: str
+    size: int
+
+
+# what a batch put says of one item: the verification method ("readback", ...) once the object
+# is durable in the store and verified there, or the error that costs this item only
+PutOutcome = str | StoreError | IntegrityError
+
+
+@runtime_checkable
+class BatchStore(Protocol):
+    """Optional: a backend that puts many small files at once, cheaper than one by one.
+
+    `put_files` does for every item what `put_file` then `verify` do for one (whole or not at
+    all, never over other bytes, durable, then read back and checked) and returns one outcome
+    per item, in order: the verification method, or the error that costs that item alone
+    (StoreConflict: the key holds other bytes; StoreRefused: the store cannot hold the name;
+    IntegrityError: the staged copy or the stored object does not hash to `sha256`). A store
+    that is away raises (StoreUnavailable, StoreError, OSError) for the whole batch, which is
+    then retried whole: items already in with these bytes are success again. A backend without
+    it is sent one file at a time (`put_file`, `verify`); see `batch_store`.
+    """
+
+    def put_files(self, items: Sequence[PutItem]) -> list[PutOutcome]: ...
+
+
+def batch_store(store: object) -> BatchStore | None:
+    """The store's batch interface, if its own class has one. Looked up on the class, not the
+    instance: a wrapper that forwards unknown attributes (`__getattr__`) to a store inside must
+    not have its own `put_file` bypassed by the inner store's batch method."""
+    if callable(getattr(type(store), "put_files", None)) and isinstance(store, BatchStore):
+        return store
+    return None

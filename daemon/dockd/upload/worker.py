@@ -5,6 +5,12 @@ Retries live here, above the Store protocol: a store that is away is waited for 
 exponential backoff and jitter (forever, or `upload.max_attempts` times); a conflict (the key
 holds other bytes) or a mismatch is never retried and never "fixed": the session is recorded
 `upload_failed` for a person to look at. Staging is released only after the manifest is in.
+
+Small files go in batches when the store can take them (`store.base.batch_store`): one claim,
+one `put_files` (each object durable and verified), one journal transaction recording them all
+with a custody record each. A name the store refuses costs only that file; other bytes under a
+key (or a staged copy that is not what was verified) fail the session, after the batch's files
+that did go in are recorded; a store that is away has the whole batch retried.
 """
 
 from __future__ import annotations
@@ -30,12 +36,13 @@ from dockd.events import CameraStatus, Notice
 from dockd.events import Progress as ProgressEvent
 from dockd.evidence import keys, manifest, mhl, sums
 from dockd.evidence.signing import DockKey
-from dockd.journal import FileState, Journal, SessionRow
+from dockd.journal import FileRow, FileState, Journal, SessionRow
 from dockd.observers.log import get as get_log
 from dockd.offload.copy import fsync_dir
 from dockd.offload.session import staged_path
 from dockd.runtime import Runtime
-from dockd.upload.queue import Claims, FileJob, Job, SealJob, next_job
+from dockd.store.base import PutItem, PutOutcome, Store, batch_store
+from dockd.upload.queue import BATCH_FILES, BatchJob, Claims, FileJob, Job, SealJob, next_job
 
 
 class PermanentUploadError(Exception):
@@ -115,7 +122,8 @@ class Uploader:
         try:
             while n < self._target:
                 rt.upload_wakeup.clear()
-                job = await rt.journal(next_job, rt.journal.journal, self.claims)
+                batch = BATCH_FILES if batch_store(rt.store) is not None else 1
+                job = await rt.journal(next_job, rt.journal.journal, self.claims, batch)
                 if job is None:
                     await rt.upload_wakeup.wait()
                     continue
@@ -141,36 +149,13 @@ class Uploader:
                 except FileRefused as exc:
                     # recorded failed (left on the camera, listed in the manifest with the
                     # reason); the session's other files and its manifest go on
-                    await self.rt.journal(
-                        self.rt.journal.journal.file_given_up,
-                        job.file,
-                        FileState.FAILED,
-                        f"the store cannot hold it: {exc}",
-                    )
-                    self.rt.bus.publish(
-                        Notice(
-                            "file_store_refused",
-                            session.camera,
-                            session.id,
-                            {"path": job.file.path, "error": str(exc)},
-                        )
-                    )
+                    await self._refused(job.file, session, str(exc))
                     return
-                c = self._counters.get(session.id)
-                if c is not None:
-                    c.files_done += 1
-                    c.bytes_done += job.file.size
-                    self.rt.bus.publish(
-                        ProgressEvent(
-                            session.camera,
-                            session.id,
-                            "upload",
-                            c.files_total,
-                            c.files_done,
-                            c.bytes_total,
-                            c.bytes_done,
-                        )
-                    )
+                self._progress(session, [job.file])
+            elif isinstance(job, BatchJob):
+                await self._start_session(session)
+                what = f"{job.files[0].path} and {len(job.files) - 1} more"
+                await self._retrying(lambda: self._upload_batch(job), log, what)
             else:
                 await self._retrying(lambda: self._finish_session(job), log, "manifest")
         except PermanentUploadError as exc:
@@ -183,6 +168,39 @@ class Uploader:
             self.rt.bus.publish(CameraStatus(session.camera, "error", session.id, error=str(exc)))
             self.rt.bus.publish(
                 Notice("upload_failed", session.camera, session.id, {"error": str(exc)})
+            )
+
+    async def _refused(self, f: FileRow, session: SessionRow, error: str) -> None:
+        await self.rt.journal(
+            self.rt.journal.journal.file_given_up,
+            f,
+            FileState.FAILED,
+            f"the store cannot hold it: {error}",
+        )
+        self.rt.bus.publish(
+            Notice(
+                "file_store_refused",
+                session.camera,
+                session.id,
+                {"path": f.path, "error": error},
+            )
+        )
+
+    def _progress(self, session: SessionRow, files: list[FileRow]) -> None:
+        c = self._counters.get(session.id)
+        if c is not None and files:
+            c.files_done += len(files)
+            c.bytes_done += sum(f.size for f in files)
+            self.rt.bus.publish(
+                ProgressEvent(
+                    session.camera,
+                    session.id,
+                    "upload",
+                    c.files_total,
+                    c.files_done,
+                    c.bytes_total,
+                    c.bytes_done,
+                )
             )
 
     async def _start_session(self, session: SessionRow) -> None:
@@ -255,6 +273,50 @@ class Uploader:
         await rt.journal(rt.journal.journal.file_stored, f, key, f.sha256, method)
         rt.bus.publish(Notice("file_stored", s.camera, s.id, {"path": f.path, "size": f.size}))
 
+    async def _upload_batch(self, job: BatchJob) -> None:
+        """One attempt at a batch: put and verify every file, record those in, in one journal
+        transaction; then the refused ones failed; then a conflict, if any, fails the session.
+        A store away raises out of here and the whole batch is tried again (what went in the
+        last time is found whole and is success)."""
+        rt = self.rt
+        s = job.session
+        items = []
+        for f in job.files:
+            assert f.sha256 is not None
+            items.append(
+                PutItem(
+                    keys.file_key(s.camera, s.id, f.path),
+                    staged_path(rt.staging, s.id, f.id),
+                    f.sha256,
+                    f.size,
+                )
+            )
+        missing = await asyncio.to_thread(
+            lambda: [i.source for i in items if not i.source.is_file()]
+        )
+        if missing:
+            # not the store's fault: never let it read as "store unreachable" and spin
+            raise PermanentUploadError(f"staged copy {missing[0]} is missing")
+        loop = asyncio.get_running_loop()
+        outcomes = await loop.run_in_executor(rt.upload_pool, _put_files, rt.store, items)
+        stored = [
+            (f, it.key, it.sha256, o)
+            for f, it, o in zip(job.files, items, outcomes, strict=True)
+            if isinstance(o, str)
+        ]
+        await rt.journal(rt.journal.journal.files_stored, stored)
+        for f, _, _, _ in stored:
+            rt.bus.publish(Notice("file_stored", s.camera, s.id, {"path": f.path, "size": f.size}))
+        self._progress(s, [f for f, _, _, _ in stored])
+        permanent: list[str] = []
+        for f, o in zip(job.files, outcomes, strict=True):
+            if isinstance(o, StoreRefused):
+                await self._refused(f, s, str(o))
+            elif not isinstance(o, str):
+                permanent.append(str(o))
+        if permanent:
+            raise PermanentUploadError(permanent[0])
+
     async def _finish_session(self, job: SealJob) -> None:
         rt = self.rt
         j = rt.journal.journal
@@ -299,9 +361,28 @@ def backoff(attempt: int, initial: float, cap: float) -> float:
     return random.uniform(0, min(cap, initial * 2 ** min(attempt - 1, 30)))
 
 
+def _put_files(store: Store, items: list[PutItem]) -> list[PutOutcome]:
+    """The store's batch put, or (a store swapped for one without it since the claim) one by
+    one, with the same outcomes."""
+    batch = batch_store(store)
+    if batch is not None:
+        return batch.put_files(items)
+    out: list[PutOutcome] = []
+    for it in items:
+        try:
+            store.put_file(it.key, it.source, it.sha256, it.size)
+            out.append(store.verify(it.key, it.sha256, it.size))
+        except (StoreRefused, StoreConflict, IntegrityError) as exc:
+            out.append(exc)
+    return out
+
+
 def _release(claims: Claims, job: Job) -> None:
     if isinstance(job, FileJob):
         claims.files.pop(job.file.id, None)
+    elif isinstance(job, BatchJob):
+        for f in job.files:
+            claims.files.pop(f.id, None)
     else:
         claims.sealing.discard(job.session.id)
 
