@@ -23,7 +23,7 @@ from dockd.config import StoreConfig, parse_config
 from dockd.daemon import Daemon
 from dockd.errors import ConfigError, IntegrityError, StoreConflict, StoreUnavailable
 from dockd.observers.log import setup as setup_log
-from dockd.store.s3 import S3Store
+from dockd.store.s3 import PROBE_KEY, S3Store
 from dockd.store.s3_client import composite_sha256, make_client, make_session
 
 SESSION = "CAM01/20261124T174900Z-CAM01-3f2a"
@@ -61,8 +61,11 @@ def test_keys_are_the_prefix_joined_verbatim(s3: Any, tmp_path: Path) -> None:
         store.put_bytes(f"{SESSION}/manifest.json", b"{}", sha(b"{}"))
         assert list(store.manifests()) == [f"{SESSION}/manifest.json"]
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket)["Contents"]]
+    # beside the evidence, only the conditional-write probe (one key of one segment) is there
     assert sorted(keys) == [
+        f"evidence/{PROBE_KEY}",
         f"evidence/{SESSION}/manifest.json",
+        f"station1-{PROBE_KEY}",
         f"station1-{SESSION}/manifest.json",
     ]
 
@@ -150,9 +153,12 @@ def test_a_key_taken_between_head_and_put_is_refused_by_the_server(
 ) -> None:
     """The race the HEAD before a put leaves open: the key taken after it. The server's
     If-None-Match refuses the write (412) and the object there is compared. Faked is only the
-    HEAD's answer that the key is free, which the real server cannot be made to give."""
+    HEAD's answer that the key is free, which the real server cannot be made to give.
+    A PutObject HEADs first only where the server ignores If-None-Match (the probe says so);
+    that is forced here, as this server honours it (tests/s3/test_s3_fast_paths.py)."""
     bucket = s3.bucket()
     store = make_store(s3, tmp_path, bucket)
+    store._conditional = False
     store.multipart_threshold = store.part_size = 5 * MIB
     ours, other = os.urandom(size), os.urandom(size)
     src = staged(tmp_path, ours)

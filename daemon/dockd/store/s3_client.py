@@ -17,6 +17,7 @@ import contextlib
 import errno
 import hashlib
 import io
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -44,6 +45,10 @@ if TYPE_CHECKING:
 MAX_ATTEMPTS = 5  # per request, the first included
 MIN_PART_SIZE = 5 * 1024**2  # S3's floor for every part but the last
 MAX_PARTS = 10_000
+# Parts of one multipart upload in flight at once. Each is streamed from the staged file
+# (FileSlice), so memory does not grow with it: a read buffer per part (urllib3's 16 KiB), not a
+# part. Connections: every worker may have this many parts out, hence `pool_connections`.
+PARTS_IN_FLIGHT = 4
 
 # Codes that mean "wait and try again", whatever their HTTP status.
 AWAY_CODES = frozenset(
@@ -175,6 +180,13 @@ def make_client(
     return session.client("s3", endpoint_url=cfg.endpoint_url, config=config)
 
 
+def pool_connections(concurrency: int) -> int:
+    """botocore's connection pool for `concurrency` upload workers, each with up to
+    PARTS_IN_FLIGHT parts out, plus a few for start-up, verify and listing (a request that
+    finds the pool empty opens a connection it then throws away: a TCP handshake per part)."""
+    return max(10, concurrency * PARTS_IN_FLIGHT + 2)
+
+
 def part_size_for(size: int, part_size: int) -> int:
     """`part_size` (at least S3's 5 MiB), doubled until the file fits in 10 000 parts."""
     ps = max(part_size, MIN_PART_SIZE)
@@ -194,7 +206,7 @@ class PacedBody(io.RawIOBase):
     Seekable, so botocore can rewind it for a retry (the resent bytes are paid for again: they
     do cross the link again)."""
 
-    def __init__(self, raw: BinaryIO, throttle: TokenBucket) -> None:
+    def __init__(self, raw: BinaryIO | io.RawIOBase, throttle: TokenBucket) -> None:
         self._raw = raw
         self._throttle = throttle
 
@@ -216,6 +228,46 @@ class PacedBody(io.RawIOBase):
         view[: len(data)] = data
         self._throttle.take(len(data))
         return len(data)
+
+
+class FileSlice(io.RawIOBase):
+    """`length` bytes of an open file from `offset`, read with os.preadv straight into the
+    caller's buffer: a part's request body streamed from staging, with no copy of the part in
+    memory and no shared file position (parts of one file are sent from several threads at
+    once). Seekable, so botocore can rewind it for a retry."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self._fd = fd
+        self._offset = offset
+        self._length = length
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._length - self._pos)
+        if want <= 0:
+            return 0
+        n = os.preadv(self._fd, [view[:want]], self._offset + self._pos)
+        if n == 0:
+            raise OSError(errno.EIO, "the staged file ended before the part did")
+        self._pos += n
+        return n
 
 
 class ResponseFile(io.RawIOBase):
