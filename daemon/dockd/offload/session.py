@@ -5,6 +5,14 @@ The session only schedules and records; copying runs in the offload thread pool 
 An undock sets `cancel`: the copy thread stops at the next chunk, the partial file is removed,
 and the session is recorded as interrupted. Nothing is reported verified before its journal
 record is committed.
+
+Files of at most GROUP_MAX_BYTES are copied and renamed without an fsync or a read-back of their
+own; they are recorded in groups (FLUSH_FILES / FLUSH_SECONDS), each group made durable by one
+syncfs and one directory fsync and then read back file by file before its one journal
+transaction (copy.settle_group). A grouped file whose read-back fails is copied again on the
+per-file path (fsync, rename, read-back), within `offload.copy_attempts`. A group not yet
+settled when the camera is undocked (or the daemon stops) is not recorded: its copies are
+removed, and the next docking copies those files again, as it would after a crash.
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
@@ -32,18 +41,39 @@ from dockd.ids import CameraId, SessionId, utc_now
 from dockd.journal import FileRow, FileState, SessionRow, SessionState
 from dockd.journal.offload import Verified
 from dockd.observers.log import get as get_log
-from dockd.offload.copy import CopyJob, Progress, copy_file, fsync_dir
+from dockd.offload.copy import (
+    CopyJob,
+    Owed,
+    Progress,
+    copy_file,
+    fsync_dir,
+    open_dir,
+    settle_group,
+)
 from dockd.offload.walk import Filter, Found, Skipped, walk
 from dockd.runtime import Runtime, free_bytes
 from dockd.sources.base import Docked
 
 WALK_BATCH = 500
 PAGE = 500
-# journal commits of verified files are batched; each file was fsynced before it joins a batch
+# journal commits of verified files are batched: a large file was fsynced and read back before
+# it joins a batch; a small one (at most GROUP_MAX_BYTES) owes both to the batch's flush
 FLUSH_FILES = 64
 FLUSH_SECONDS = 0.25
+# at most this size a file is made durable and read back with its group, not on its own: its
+# fsync would cost far more than its copy, while a large file's copy hides its read-back
+GROUP_MAX_BYTES = 1024**2
 PROGRESS_SECONDS = 0.25
 SPACE_POLL_SECONDS = 5.0
+
+
+@dataclass(frozen=True)
+class _Done:
+    """A file copied into staging, waiting in the batch for its journal record. `job` is set
+    while its durability and read-back are still owed (a grouped small file)."""
+
+    verified: Verified
+    job: CopyJob | None = None
 
 
 def staged_path(staging: Path, session_id: str, file_id: int) -> Path:
@@ -62,7 +92,8 @@ class CameraSession:
         self.session_id: SessionId | None = None
         self.state: SessionState | None = None
         self._progresses: list[Progress] = []  # one per copy worker (one writer each)
-        self._batch: list[Verified] = []
+        self._batch: list[_Done] = []
+        self._dir_fd = -1  # the session's staging folder, open for syncfs while copying
         self._last_flush = 0.0
         self._files_total = 0
         self._bytes_total = 0
@@ -74,6 +105,9 @@ class CameraSession:
         self.split = False
         self._verified_count = 0
         self._log = get_log(dock_id=rt.config.dock.id, camera=camera)
+        # Test seam (CopyJob.before_readback for every copy of this session, grouped or not):
+        # called with a staged copy once it is durable, before it is read back.
+        self.before_readback: Callable[[Path], None] | None = None
 
     def undock(self) -> None:
         self.cancel.set()
@@ -135,6 +169,19 @@ class CameraSession:
         session_dir = rt.staging / session.id
         await asyncio.to_thread(_make_session_dir, session_dir)
         await self._record_walk(session)
+        # opened before the first copy: a syncfs through it reports any writeback error of the
+        # staging filesystem since, so none of this session's copies can fall before it
+        self._dir_fd = await asyncio.to_thread(open_dir, session_dir)
+        try:
+            await self._copy_all(session, session_dir)
+        finally:
+            os.close(self._dir_fd)
+            self._dir_fd = -1
+        if self.cancel.is_set():
+            raise CameraGone("camera undocked during the offload")
+
+    async def _copy_all(self, session: SessionRow, session_dir: Path) -> None:
+        rt = self.rt
         totals = await rt.journal(rt.journal.journal.pending_totals, session.id)
         self._files_total, self._bytes_total = totals
         self._status("offloading")
@@ -152,9 +199,10 @@ class CameraSession:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
-            await self._flush(session_dir)
-        if self.cancel.is_set():
-            raise CameraGone("camera undocked during the offload")
+            if self._batch:
+                buf = bytearray(rt.config.offload.chunk_size)
+                while self._batch:  # a read-back that failed adds its file's per-file copy
+                    await self._flush(session_dir, buf, Progress())
 
     async def _feed(
         self, queue: asyncio.Queue[FileRow | None], session_id: SessionId, workers: int
@@ -181,47 +229,104 @@ class CameraSession:
         while (f := await queue.get()) is not None:
             if self.cancel.is_set():
                 continue  # drain to the sentinel; nothing more is copied
-            try:
-                result = await self._copy_one(f, session_dir, buf, progress)
-            except CameraGone:
-                # every worker's copy stops at its next chunk; the session reports the undock
-                self.cancel.set()
-                self._cancelled.set()
-                continue
-            except StagingSplit as exc:
-                self._log.warning("session_split_staging_full", reason=str(exc))
-                self.split = True
-                self.cancel.set()
-                self._cancelled.set()
-                continue
-            self._bytes_before += f.size
-            progress.bytes_done = 0
-            self._files_done += 1
-            if result is not None:
-                self._batch.append(result)
-                self._verified_count += 1
+            await self._take(f, session_dir, buf, progress)
             if (
                 len(self._batch) >= FLUSH_FILES
                 or time.monotonic() - self._last_flush > FLUSH_SECONDS
             ):
-                await self._flush(session_dir)
+                await self._flush(session_dir, buf, progress)
 
-    async def _flush(self, session_dir: Path) -> None:
-        """Record the batch verified: first make its renames durable (one directory fsync for
-        the batch, not one per file), then one journal transaction."""
+    async def _take(
+        self,
+        f: FileRow,
+        session_dir: Path,
+        buf: bytearray,
+        progress: Progress,
+        *,
+        again: bool = False,
+    ) -> None:
+        """Copy one file into the batch (or record it failed). `again`: a grouped copy whose
+        read-back failed, copied once more on the per-file path; counted in progress already."""
+        try:
+            done = await self._copy_one(f, session_dir, buf, progress, again=again)
+        except CameraGone:
+            # every worker's copy stops at its next chunk; the session reports the undock
+            self.cancel.set()
+            self._cancelled.set()
+            return
+        except StagingSplit as exc:
+            self._log.warning("session_split_staging_full", reason=str(exc))
+            self.split = True
+            self.cancel.set()
+            self._cancelled.set()
+            return
+        if not again:
+            self._bytes_before += f.size
+            progress.bytes_done = 0
+            self._files_done += 1
+        if done is not None:
+            self._batch.append(done)
+            self._verified_count += 1
+
+    async def _flush(self, session_dir: Path, buf: bytearray, progress: Progress) -> None:
+        """Record the batch verified: first make it durable, then one journal transaction.
+
+        Large files were fsynced and read back one by one: one directory fsync for their
+        renames. Small ones owe both: one syncfs and one directory fsync for the group, then
+        each read back (copy.settle_group, in the offload pool). A small file that fails its
+        read-back is copied again on the per-file path and joins the next batch. A group not
+        settled before an undock or a stop is not recorded (unless the session is ending to
+        split on a full staging: the camera is still docked and its copies are whole)."""
         if not self._batch:
             return
         batch, self._batch = self._batch, []
         self._last_flush = time.monotonic()
-        await asyncio.to_thread(fsync_dir, session_dir)
-        await self.rt.journal(self.rt.journal.journal.files_verified, batch)
-        for f, *_ in batch:
-            self.rt.bus.publish(
-                Notice(
-                    "file_verified", self.camera, self.session_id, {"path": f.path, "size": f.size}
-                )
+        rt = self.rt
+        owed = [d for d in batch if d.job is not None]
+        ready = [d.verified for d in batch if d.job is None]
+        again: list[FileRow] = []
+        if owed and self.cancel.is_set() and not self.split:
+            await asyncio.to_thread(_remove_copies, [d.job.staged for d in owed if d.job])
+            self._verified_count -= len(owed)
+            owed = []
+        if owed:
+            ok = await asyncio.get_running_loop().run_in_executor(
+                rt.offload_pool,
+                settle_group,
+                self._dir_fd,
+                [Owed(d.job.staged, d.verified[1], d.job.before_readback) for d in owed if d.job],
+                buf,
             )
-        self._publish_progress()
+            for d, good in zip(owed, ok, strict=True):
+                if good:
+                    ready.append(d.verified)
+                    continue
+                f = d.verified[0]
+                self._verified_count -= 1
+                self._log.error(
+                    "staging_readback_mismatch",
+                    path=f.path,
+                    error=f"{session_dir / str(f.id)}: group read-back differs from the copy"
+                    " (or the group's sync failed)",
+                )
+                again.append(f)
+        elif ready:
+            await asyncio.to_thread(fsync_dir, session_dir)
+        if ready:
+            await rt.journal(rt.journal.journal.files_verified, ready)
+            for f, *_ in ready:
+                rt.bus.publish(
+                    Notice(
+                        "file_verified",
+                        self.camera,
+                        self.session_id,
+                        {"path": f.path, "size": f.size},
+                    )
+                )
+            self._publish_progress()
+        for f in again:
+            if not self.cancel.is_set():
+                await self._take(f, session_dir, buf, progress, again=True)
 
     async def _record_walk(self, session: SessionRow) -> None:
         rt = self.rt
@@ -242,16 +347,29 @@ class CameraSession:
         self._log.info("camera_walked", new_files=added, skipped=skipped)
 
     async def _copy_one(
-        self, f: FileRow, session_dir: Path, buf: bytearray, progress: Progress
-    ) -> Verified | None:
-        """Copy one file with its retries. Returns what to record as verified, or None when
-        the file was recorded failed/unstable. Raises CameraGone."""
+        self,
+        f: FileRow,
+        session_dir: Path,
+        buf: bytearray,
+        progress: Progress,
+        *,
+        again: bool = False,
+    ) -> _Done | None:
+        """Copy one file with its retries. Returns what to record as verified (and, for a
+        small file, what its group still owes), or None when the file was recorded
+        failed/unstable. Raises CameraGone. `again`: its grouped copy failed the read-back,
+        which spent one attempt; the next ones take the per-file path."""
         rt = self.rt
         cfg = rt.config.offload
         source = os.path.join(os.fsencode(self.docked.root), f.raw_path or f.path.encode())
-        attempts = 0
+        attempts = 1 if again else 0
+        per_file = again
         loop = asyncio.get_running_loop()
+        if again and attempts >= cfg.copy_attempts:
+            await self._give_up(f, FileState.FAILED, "staging read-back: the copy differs")
+            return None
         while True:
+            grouped = not per_file and f.size <= GROUP_MAX_BYTES
             job = CopyJob(
                 source=source,
                 staged=session_dir / str(f.id),
@@ -260,13 +378,16 @@ class CameraSession:
                 verify_source=cfg.verify == "source-and-readback",
                 read_attempts=cfg.read_attempts,
                 sync_dir=False,  # the batch flush fsyncs the directory once, before recording
+                durable=not grouped,  # grouped: the batch flush syncs and reads back
+                before_readback=self.before_readback,
             )
             progress.bytes_done = 0
             try:
                 copied = await loop.run_in_executor(
                     rt.offload_pool, copy_file, job, buf, progress, self.cancel
                 )
-                return f, copied.sha256, utc_now(), copied.xxh128
+                verified = (f, copied.sha256, utc_now(), copied.xxh128)
+                return _Done(verified, job if grouped else None)
             except CameraGone:
                 raise
             except StagingFull as exc:
@@ -300,6 +421,7 @@ class CameraSession:
                 return None
             except IntegrityError as exc:
                 attempts += 1
+                per_file = True
                 self._log.error("staging_readback_mismatch", path=f.path, error=str(exc))
                 if attempts >= cfg.copy_attempts:
                     await self._give_up(f, FileState.FAILED, f"staging read-back: {exc}")
@@ -421,6 +543,13 @@ def _make_session_dir(path: Path) -> None:
 class StagingSplit(Exception):
     """Staging is full and this session already holds verified files: end it so they can be
     uploaded and their space released, instead of waiting for space that only it could free."""
+
+
+def _remove_copies(paths: list[Path]) -> None:
+    """Copies never recorded verified must not stay under their final names."""
+    for p in paths:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
 
 
 def _remove_session_dir(path: Path) -> None:
