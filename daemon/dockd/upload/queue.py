@@ -24,9 +24,12 @@ class FileJob:
     file: FileRow
 
 
-@dataclass(frozen=True)
+@dataclass
 class BatchJob:
-    """Small files of one session, in path order, put and recorded together."""
+    """Small files of one session, in path order, put and recorded together. While the store
+    is away the worker keeps only the first (`files` shrinks to it, the others' claims are
+    given back), as one file alone would be held: nothing else is kept from other workers or
+    from a new queue order (`dockd prioritize`) for as long as the store stays away."""
 
     session: SessionRow
     files: tuple[FileRow, ...]

@@ -21,10 +21,10 @@ import random
 import shutil
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
-from dockd.custody import summarize
+from dockd.custody import CustodyRecord, canonical, summarize
 from dockd.errors import (
     IntegrityError,
     StoreConflict,
@@ -154,7 +154,7 @@ class Uploader:
                 self._progress(session, [job.file])
             elif isinstance(job, BatchJob):
                 await self._start_session(session)
-                what = f"{job.files[0].path} and {len(job.files) - 1} more"
+                what = f"{job.files[0].path} (a batch of {len(job.files)})"
                 await self._retrying(lambda: self._upload_batch(job), log, what)
             else:
                 await self._retrying(lambda: self._finish_session(job), log, "manifest")
@@ -298,7 +298,12 @@ class Uploader:
             # not the store's fault: never let it read as "store unreachable" and spin
             raise PermanentUploadError(f"staged copy {missing[0]} is missing")
         loop = asyncio.get_running_loop()
-        outcomes = await loop.run_in_executor(rt.upload_pool, _put_files, rt.store, items)
+        try:
+            outcomes = await loop.run_in_executor(rt.upload_pool, _put_files, rt.store, items)
+        except (StoreUnavailable, StoreError, OSError):
+            if len(job.files) > 1:  # the store is away: hold one file only while it is
+                await rt.journal(_shrink, self.claims, job)
+            raise
         stored = [
             (f, it.key, it.sha256, o)
             for f, it, o in zip(job.files, items, outcomes, strict=True)
@@ -377,6 +382,13 @@ def _put_files(store: Store, items: list[PutItem]) -> list[PutOutcome]:
     return out
 
 
+def _shrink(claims: Claims, job: BatchJob) -> None:
+    """Give back every file of the batch but the first (in the journal thread, as claims are)."""
+    for f in job.files[1:]:
+        claims.files.pop(f.id, None)
+    job.files = job.files[:1]
+
+
 def _release(claims: Claims, job: Job) -> None:
     if isinstance(job, FileJob):
         claims.files.pop(job.file.id, None)
@@ -401,7 +413,7 @@ def _session_objects(
         for r in j.custody_records(session.id)
         if session.custody_last_seq is None or r.seq <= session.custody_last_seq
     ]
-    custody_body = "".join(r.to_json() + "\n" for r in records).encode()
+    custody_body = "".join(_custody_line(r) for r in records).encode()
     sidecars = [(keys.SUMS, sums_body), (keys.CUSTODY, custody_body)]
     sidecars += mhl.history(session, dock_id, stored, sidecars, records)
     m = manifest.build(
@@ -416,6 +428,16 @@ def _session_objects(
     body = manifest.dumps(m)
     signed = [] if key is None else [(manifest.SIGNATURE, key.sign(body))]
     return [*sidecars, *signed, (keys.MANIFEST, body)]
+
+
+_RECORD_FIELDS = tuple(f.name for f in fields(CustodyRecord))
+
+
+def _custody_line(r: CustodyRecord) -> str:
+    """`r.to_json()` and a newline, byte for byte, without `dataclasses.asdict`'s deep copy of
+    every record (most of the time of a seal of thousands of files): the same fields, the same
+    canonical JSON."""
+    return canonical({name: getattr(r, name) for name in _RECORD_FIELDS}) + "\n"
 
 
 def _release_staging(path: Path) -> None:
