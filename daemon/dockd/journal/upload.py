@@ -81,8 +81,32 @@ class UploadJournal(Db):
         if not stored:
             return
         with self.tx():
+            ids = [f.id for f, _, _, _ in stored]
+            rows = self.all(
+                f"SELECT id, state FROM files WHERE id IN ({','.join('?' * len(ids))})", *ids
+            )
+            was = {r["id"]: FileState(r["state"]) for r in rows}
+            todo = []
             for f, key, sha256, method in stored:
-                self._file_stored(f, key, sha256, method)
+                old = was[f.id]
+                if old in (FileState.STORED, FileState.CLEARED):
+                    continue  # a retry after a crash between store write and this record
+                check_file(old, FileState.STORED, f"{f.session_id}/{f.path}")
+                todo.append((f, key, sha256, method))
+            now = utc_now()
+            self.conn.executemany(
+                "UPDATE files SET state = ?, key = ?, stored_at = ?, error = NULL WHERE id = ?",
+                [(FileState.STORED, key, now, f.id) for f, key, _, _ in todo],
+            )
+            for f, key, sha256, method in todo:
+                self.custody(
+                    "file_stored",
+                    f.session_id,
+                    path=f.path,
+                    key=key,
+                    sha256=sha256,
+                    verified_by=method,
+                )
 
     def _file_stored(self, f: FileRow, key: str, sha256: str, method: str) -> None:
         row = self.one("SELECT state FROM files WHERE id = ?", f.id)
