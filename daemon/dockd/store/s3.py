@@ -271,13 +271,20 @@ class S3Store:
     # -- conditional writes ------------------------------------------------------------------
 
     def _conditional_writes(self) -> bool:
-        """Does the server honour `IfNoneMatch="*"` on PutObject? Probed once per process."""
-        if self._conditional is None:
-            with self._probe_mutex:
-                if self._conditional is None:
-                    self._conditional = self._probe_conditional()
-                    self._log.info("conditional_writes", honoured=self._conditional)
-        return self._conditional
+        """Does the server honour `IfNoneMatch="*"` on PutObject? Probed once per process, by
+        the first put; the puts of other workers meanwhile do not wait for it: they HEAD first,
+        as where it is not honoured."""
+        if self._conditional is not None:
+            return self._conditional
+        if not self._probe_mutex.acquire(blocking=False):
+            return False
+        try:
+            if self._conditional is None:
+                self._conditional = self._probe_conditional()
+                self._log.info("conditional_writes", honoured=self._conditional)
+            return self._conditional
+        finally:
+            self._probe_mutex.release()
 
     def _probe_conditional(self) -> bool:
         """Put PROBE_BODY under PROBE_KEY with `IfNoneMatch="*"` until refused, at most twice.
