@@ -118,15 +118,43 @@ class Uploader:
         return any(t is me for i, t in self._workers.items() if i >= self._target)
 
     async def _worker(self, n: int) -> None:
+        """Claim a job, run it, release it; over and over. A batch is run in two stages: its
+        put (store), then its record (journal); the record of one batch runs while the next
+        batch is put, so the store and the journal are both busy (the claims of a batch are
+        held until it is recorded, so no other worker takes its files and no seal comes
+        before it)."""
         rt = self.rt
+        pending: tuple[BatchJob, list[PutOutcome]] | None = None  # put, not yet recorded
         try:
-            while n < self._target:
+            while n < self._target or pending is not None:
                 rt.upload_wakeup.clear()
-                batch = BATCH_FILES if batch_store(rt.store) is not None else 1
-                job = await rt.journal(next_job, rt.journal.journal, self.claims, batch)
+                job = None
+                if n < self._target:
+                    batch = BATCH_FILES if batch_store(rt.store) is not None else 1
+                    job = await rt.journal(next_job, rt.journal.journal, self.claims, batch)
                 if job is None:
+                    if pending is not None:  # recorded and released, there may be a seal
+                        await self._record_batch(*pending)
+                        pending = None
+                        continue
                     await rt.upload_wakeup.wait()
                     continue
+                if isinstance(job, BatchJob):
+                    put = asyncio.create_task(self._put_batch(job))
+                    try:
+                        if pending is not None:
+                            await self._record_batch(*pending)
+                            pending = None
+                        outcomes = await put
+                    except BaseException:
+                        put.cancel()
+                        raise
+                    if outcomes is not None:
+                        pending = (job, outcomes)
+                    continue
+                if pending is not None:
+                    await self._record_batch(*pending)
+                    pending = None
                 try:
                     await self._run_job(job)
                 except _HandBack:
@@ -138,7 +166,7 @@ class Uploader:
             if self._workers.get(n) is asyncio.current_task():
                 del self._workers[n]
 
-    async def _run_job(self, job: Job) -> None:
+    async def _run_job(self, job: FileJob | SealJob) -> None:
         session = job.session
         log = self._log.bind(camera=session.camera, session_id=session.id)
         try:
@@ -152,23 +180,48 @@ class Uploader:
                     await self._refused(job.file, session, str(exc))
                     return
                 self._progress(session, [job.file])
-            elif isinstance(job, BatchJob):
-                await self._start_session(session)
-                what = f"{job.files[0].path} (a batch of {len(job.files)})"
-                await self._retrying(lambda: self._upload_batch(job), log, what)
             else:
                 await self._retrying(lambda: self._finish_session(job), log, "manifest")
         except PermanentUploadError as exc:
-            log.error("upload_failed", error=str(exc))
-            await self.rt.journal(
-                self.rt.journal.journal.session_upload_failed, session.id, str(exc)
-            )
-            self._counters.pop(session.id, None)
-            self.rt.problems.changed.set()
-            self.rt.bus.publish(CameraStatus(session.camera, "error", session.id, error=str(exc)))
-            self.rt.bus.publish(
-                Notice("upload_failed", session.camera, session.id, {"error": str(exc)})
-            )
+            await self._failed(session, exc)
+
+    async def _failed(self, session: SessionRow, exc: PermanentUploadError) -> None:
+        self._log.bind(camera=session.camera, session_id=session.id).error(
+            "upload_failed", error=str(exc)
+        )
+        await self.rt.journal(self.rt.journal.journal.session_upload_failed, session.id, str(exc))
+        self._counters.pop(session.id, None)
+        self.rt.problems.changed.set()
+        self.rt.bus.publish(CameraStatus(session.camera, "error", session.id, error=str(exc)))
+        self.rt.bus.publish(
+            Notice("upload_failed", session.camera, session.id, {"error": str(exc)})
+        )
+
+    async def _put_batch(self, job: BatchJob) -> list[PutOutcome] | None:
+        """The store stage of a batch, retried while the store is away. Returns the outcomes
+        (the claims still held, for `_record_batch`), or None when the job ended here (the
+        session failed, or the job was handed back), its claims released."""
+        session = job.session
+        log = self._log.bind(camera=session.camera, session_id=session.id)
+        outcomes: list[PutOutcome] = []
+
+        async def attempt() -> None:
+            outcomes[:] = await self._put_batch_once(job)
+
+        try:
+            await self._start_session(session)
+            what = f"{job.files[0].path} (a batch of {len(job.files)})"
+            try:
+                await self._retrying(attempt, log, what)
+            except FileRefused as exc:  # per file, never for a whole batch; were it so
+                raise PermanentUploadError(str(exc)) from exc
+            return outcomes
+        except (PermanentUploadError, _HandBack) as exc:
+            await self.rt.journal(_release, self.claims, job)
+            self.rt.upload_wakeup.set()
+            if isinstance(exc, PermanentUploadError):
+                await self._failed(session, exc)
+            return None
 
     async def _refused(self, f: FileRow, session: SessionRow, error: str) -> None:
         await self.rt.journal(
@@ -273,11 +326,10 @@ class Uploader:
         await rt.journal(rt.journal.journal.file_stored, f, key, f.sha256, method)
         rt.bus.publish(Notice("file_stored", s.camera, s.id, {"path": f.path, "size": f.size}))
 
-    async def _upload_batch(self, job: BatchJob) -> None:
-        """One attempt at a batch: put and verify every file, record those in, in one journal
-        transaction; then the refused ones failed; then a conflict, if any, fails the session.
-        A store away raises out of here and the whole batch is tried again (what went in the
-        last time is found whole and is success)."""
+    async def _put_batch_once(self, job: BatchJob) -> list[PutOutcome]:
+        """One attempt at putting a batch: every file durable in the store and verified there,
+        or its own error. A store away raises out of here and the batch is tried again (what
+        went in the last time is found whole and is success), holding one file only."""
         rt = self.rt
         s = job.session
         items = []
@@ -299,28 +351,41 @@ class Uploader:
             raise PermanentUploadError(f"staged copy {missing[0]} is missing")
         loop = asyncio.get_running_loop()
         try:
-            outcomes = await loop.run_in_executor(rt.upload_pool, _put_files, rt.store, items)
+            return await loop.run_in_executor(rt.upload_pool, _put_files, rt.store, items)
         except (StoreUnavailable, StoreError, OSError):
             if len(job.files) > 1:  # the store is away: hold one file only while it is
                 await rt.journal(_shrink, self.claims, job)
             raise
-        stored = [
-            (f, it.key, it.sha256, o)
-            for f, it, o in zip(job.files, items, outcomes, strict=True)
-            if isinstance(o, str)
-        ]
-        await rt.journal(rt.journal.journal.files_stored, stored)
-        for f, _, _, _ in stored:
-            rt.bus.publish(Notice("file_stored", s.camera, s.id, {"path": f.path, "size": f.size}))
-        self._progress(s, [f for f, _, _, _ in stored])
-        permanent: list[str] = []
-        for f, o in zip(job.files, outcomes, strict=True):
-            if isinstance(o, StoreRefused):
-                await self._refused(f, s, str(o))
-            elif not isinstance(o, str):
-                permanent.append(str(o))
-        if permanent:
-            raise PermanentUploadError(permanent[0])
+
+    async def _record_batch(self, job: BatchJob, outcomes: list[PutOutcome]) -> None:
+        """The journal stage of a batch: the files in the store recorded in one transaction
+        (a custody record each), their notices; then the refused ones failed; then a conflict
+        or a mismatch, if any, fails the session. The batch's claims are released last."""
+        rt = self.rt
+        s = job.session
+        try:
+            stored = [
+                (f, keys.file_key(s.camera, s.id, f.path), f.sha256 or "", o)
+                for f, o in zip(job.files, outcomes, strict=True)
+                if isinstance(o, str)
+            ]
+            await rt.journal(rt.journal.journal.files_stored, stored)
+            for f, _, _, _ in stored:
+                rt.bus.publish(
+                    Notice("file_stored", s.camera, s.id, {"path": f.path, "size": f.size})
+                )
+            self._progress(s, [f for f, _, _, _ in stored])
+            permanent: list[str] = []
+            for f, o in zip(job.files, outcomes, strict=True):
+                if isinstance(o, StoreRefused):
+                    await self._refused(f, s, str(o))
+                elif not isinstance(o, str):
+                    permanent.append(str(o))
+            if permanent:
+                await self._failed(s, PermanentUploadError(permanent[0]))
+        finally:
+            await rt.journal(_release, self.claims, job)
+            rt.upload_wakeup.set()
 
     async def _finish_session(self, job: SealJob) -> None:
         rt = self.rt
