@@ -202,7 +202,8 @@ def test_small_files_are_recorded_verified_only_after_a_syncfs_that_covered_thei
     seen: list[tuple[set[int], set[int]]] = []  # per syncfs: (staged ids, verified ids)
 
     def spy(fd: int) -> bool:
-        staged = {int(p.name) for p in Path(f"/proc/self/fd/{fd}").resolve().iterdir()}
+        names = [p.name for p in Path(f"/proc/self/fd/{fd}").resolve().iterdir()]
+        staged = {int(n) for n in names if n.isdigit()}  # not a `.partial` being written
         with site.db() as conn:
             seen.append((staged, _verified_ids(conn)))
         assert real(fd), "syncfs must be available on this machine for this test"
@@ -424,10 +425,10 @@ def test_undock_mid_group_records_none_of_the_groups_unrecorded_files(site: Site
 def test_session_resumes_after_a_crash_with_small_files_renamed_but_unrecorded(
     site: Site,
 ) -> None:
-    """Killed during the second group's read-back: group one recorded, group two renamed into
-    staging (one copy torn, as a power cut may leave it, one `.partial` beside) but not
-    recorded. The next run resumes the same session and copies group two and the rest again,
-    over the names a crash left."""
+    """Killed during the second group's read-back: group one recorded, group two (and what was
+    copied meanwhile) renamed into staging (one copy torn, as a power cut may leave it, one
+    `.partial` beside) but not recorded. The next run resumes the same session and copies
+    group two and the rest again, over the names a crash left."""
     site.add_small(10)
     crashed: list[Path] = []
 
@@ -458,7 +459,8 @@ def test_session_resumes_after_a_crash_with_small_files_renamed_but_unrecorded(
     assert state == SessionState.OFFLOADING
     on_disk = {p.name for p in session_dir.iterdir()}
     renamed = [i for i in unrecorded if str(i) in on_disk]
-    assert len(renamed) == GROUP  # renamed, synced, never recorded
+    # group two renamed and synced, and what the copy worker took meanwhile: never recorded
+    assert GROUP <= len(renamed) <= 10 - GROUP
     os.truncate(session_dir / str(renamed[0]), 0)  # a torn copy under a final name
     (session_dir / f"{renamed[1]}.partial").write_bytes(b"half")
 

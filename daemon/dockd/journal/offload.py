@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
+from typing import Any
 
+from dockd.custody import GENESIS, record_hash
 from dockd.errors import JournalError
 from dockd.ids import CameraId, SessionId, new_session_id, utc_now
 from dockd.journal.db import Db
@@ -238,28 +241,108 @@ class OffloadJournal(Db):
 
     def files_verified(self, done: Iterable[Verified]) -> None:
         """Mark files verified in staging: (row, sha256, copied_at[, xxh128]). One transaction
-        for the batch; each file's data and directory entry were fsynced before this is called."""
+        for the batch; each file's data and directory entry were made durable and read back
+        before this is called. The batch's states are read in one query and its custody records
+        appended with the chain heads read once (`_custody_run`): this is the journal's
+        busiest write, one per FLUSH_FILES files."""
+        done = list(done)
+        if not done:
+            return
         now = utc_now()
         with self.tx():
+            states: dict[int, str] = {}
+            ids = [f.id for f, *_ in done]
+            for i in range(0, len(ids), 500):  # below SQLite's bound on parameters
+                part = ids[i : i + 500]
+                marks = ",".join("?" * len(part))
+                rows = self.conn.execute(
+                    f"SELECT id, state FROM files WHERE id IN ({marks})", part
+                ).fetchall()
+                states.update((r[0], r[1]) for r in rows)
+            updates = []
+            records: list[tuple[str, str, dict[str, Any]]] = []
             for f, sha256, copied_at, *more in done:
                 xxh128 = more[0] if more else None
-                self._set_file(f, FileState.VERIFIED)
-                self.conn.execute(
-                    "UPDATE files SET state = ?, sha256 = ?, xxh128 = ?, verified_at = ?,"
-                    " error = NULL WHERE id = ?",
-                    (FileState.VERIFIED, sha256, xxh128, now, f.id),
+                check_file(FileState(states[f.id]), FileState.VERIFIED, f"{f.session_id}/{f.path}")
+                states[f.id] = FileState.VERIFIED  # the same file twice in a batch is refused
+                updates.append((FileState.VERIFIED, sha256, xxh128, now, f.id))
+                records.append(
+                    (
+                        "file_offloaded",
+                        f.session_id,
+                        {"path": f.path, "size": f.size, "sha256": sha256, "at": copied_at},
+                    )
                 )
-                self.custody(
-                    "file_offloaded",
-                    f.session_id,
-                    path=f.path,
-                    size=f.size,
-                    sha256=sha256,
-                    at=copied_at,
+                records.append(
+                    (
+                        "file_verified",
+                        f.session_id,
+                        {"path": f.path, "sha256": sha256, "method": "readback"},
+                    )
                 )
-                self.custody(
-                    "file_verified", f.session_id, path=f.path, sha256=sha256, method="readback"
+            self.conn.executemany(
+                "UPDATE files SET state = ?, sha256 = ?, xxh128 = ?, verified_at = ?,"
+                " error = NULL WHERE id = ?",
+                updates,
+            )
+            self._custody_run(records)
+
+    def _custody_run(self, records: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Append custody records inside the current transaction, as `db.append_custody` does
+        one by one (the same seq, links, `at`, stored and hashed details), but with the dock
+        chain's head and each session's head read once for the run, not twice per record.
+        Inside `tx()` (BEGIN IMMEDIATE) no other writer can move the heads meanwhile."""
+        if not records:
+            return
+        if not self._in_tx:
+            raise JournalError("custody records are appended inside a transaction only")
+        head = self.conn.execute(
+            "SELECT seq, hash FROM custody ORDER BY seq DESC LIMIT 1"
+        ).fetchone()
+        seq, prev = (0, GENESIS) if head is None else (head[0], head[1])
+        session_heads: dict[str, str | None] = {}
+        rows = []
+        for event, session_id, details in records:
+            if session_id not in session_heads:
+                last = self.conn.execute(
+                    "SELECT hash FROM custody WHERE session_id = ? ORDER BY seq DESC LIMIT 1",
+                    (session_id,),
+                ).fetchone()
+                session_heads[session_id] = None if last is None else last[0]
+            session_prev = session_heads[session_id]
+            seq += 1
+            at = utc_now()
+            clean = json.loads(json.dumps(details, default=str))  # what is stored is hashed
+            digest = record_hash(
+                seq=seq,
+                at=at,
+                dock_id=self.dock_id,
+                session_id=session_id,
+                event=event,
+                details=clean,
+                prev_hash=prev,
+                session_prev=session_prev,
+            )
+            rows.append(
+                (
+                    seq,
+                    at,
+                    self.dock_id,
+                    session_id,
+                    event,
+                    json.dumps(clean, sort_keys=True),
+                    prev,
+                    session_prev,
+                    digest,
                 )
+            )
+            prev = digest
+            session_heads[session_id] = digest
+        self.conn.executemany(
+            "INSERT INTO custody (seq, at, dock_id, session_id, event, details, prev_hash,"
+            " session_prev, hash) VALUES (?,?,?,?,?,?,?,?,?)",
+            rows,
+        )
 
     def file_given_up(self, f: FileRow, state: FileState, error: str) -> None:
         with self.tx():

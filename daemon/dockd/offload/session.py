@@ -94,6 +94,8 @@ class CameraSession:
         self._progresses: list[Progress] = []  # one per copy worker (one writer each)
         self._batch: list[_Done] = []
         self._dir_fd = -1  # the session's staging folder, open for syncfs while copying
+        self._workers_left = 0
+        self._recording: asyncio.Task[None] | None = None  # the last batch's journal transaction
         self._last_flush = 0.0
         self._files_total = 0
         self._bytes_total = 0
@@ -189,20 +191,26 @@ class CameraSession:
         queue: asyncio.Queue[FileRow | None] = asyncio.Queue(maxsize=2 * workers)
         self._batch = []
         self._last_flush = time.monotonic()
+        # batches go to one flusher, so the copy workers never wait on a group's sync, read-back
+        # or journal transaction; one batch waits while one is flushed (bounded memory)
+        groups: asyncio.Queue[list[_Done] | None] = asyncio.Queue(maxsize=1)
+        self._workers_left = workers
         ticker = asyncio.create_task(self._tick_progress())
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._feed(queue, session.id, workers))
+                tg.create_task(self._flusher(groups, session_dir))
                 for _ in range(workers):
-                    tg.create_task(self._copy_worker(queue, session_dir))
+                    tg.create_task(self._copy_worker(queue, groups, session_dir))
         finally:
             ticker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await ticker
             if self._batch:
                 buf = bytearray(rt.config.offload.chunk_size)
-                while self._batch:  # a read-back that failed adds its file's per-file copy
-                    await self._flush(session_dir, buf, Progress())
+                while self._batch:  # left by a failure: record what is verified
+                    await self._flush(self._take_batch(), session_dir, buf, Progress())
+            await self._recorded()
 
     async def _feed(
         self, queue: asyncio.Queue[FileRow | None], session_id: SessionId, workers: int
@@ -222,7 +230,12 @@ class CameraSession:
         for _ in range(workers):
             await queue.put(None)
 
-    async def _copy_worker(self, queue: asyncio.Queue[FileRow | None], session_dir: Path) -> None:
+    async def _copy_worker(
+        self,
+        queue: asyncio.Queue[FileRow | None],
+        groups: asyncio.Queue[list[_Done] | None],
+        session_dir: Path,
+    ) -> None:
         buf = bytearray(self.rt.config.offload.chunk_size)  # one per worker, reused per file
         progress = Progress()
         self._progresses.append(progress)
@@ -230,11 +243,30 @@ class CameraSession:
             if self.cancel.is_set():
                 continue  # drain to the sentinel; nothing more is copied
             await self._take(f, session_dir, buf, progress)
-            if (
+            if self._batch and (
                 len(self._batch) >= FLUSH_FILES
                 or time.monotonic() - self._last_flush > FLUSH_SECONDS
             ):
-                await self._flush(session_dir, buf, progress)
+                await groups.put(self._take_batch())
+        self._workers_left -= 1
+        if self._workers_left == 0:  # the last one out hands over the rest and ends the flusher
+            if self._batch:
+                await groups.put(self._take_batch())
+            await groups.put(None)
+
+    async def _flusher(self, groups: asyncio.Queue[list[_Done] | None], session_dir: Path) -> None:
+        buf = bytearray(self.rt.config.offload.chunk_size)  # for read-backs and copies again
+        progress = Progress()
+        while (batch := await groups.get()) is not None:
+            await self._flush(batch, session_dir, buf, progress)
+        while self._batch:  # what failed its read-back in the last group, copied again
+            await self._flush(self._take_batch(), session_dir, buf, progress)
+        await self._recorded()
+
+    def _take_batch(self) -> list[_Done]:
+        batch, self._batch = self._batch, []
+        self._last_flush = time.monotonic()
+        return batch
 
     async def _take(
         self,
@@ -268,8 +300,12 @@ class CameraSession:
             self._batch.append(done)
             self._verified_count += 1
 
-    async def _flush(self, session_dir: Path, buf: bytearray, progress: Progress) -> None:
-        """Record the batch verified: first make it durable, then one journal transaction.
+    async def _flush(
+        self, batch: list[_Done], session_dir: Path, buf: bytearray, progress: Progress
+    ) -> None:
+        """Record a batch verified: first make it durable, then one journal transaction
+        (started here, awaited by the next flush or `_recorded`: the next group's sync and
+        read-back overlap this one's transaction, and transactions keep their order).
 
         Large files were fsynced and read back one by one: one directory fsync for their
         renames. Small ones owe both: one syncfs and one directory fsync for the group, then
@@ -277,10 +313,6 @@ class CameraSession:
         read-back is copied again on the per-file path and joins the next batch. A group not
         settled before an undock or a stop is not recorded (unless the session is ending to
         split on a full staging: the camera is still docked and its copies are whole)."""
-        if not self._batch:
-            return
-        batch, self._batch = self._batch, []
-        self._last_flush = time.monotonic()
         rt = self.rt
         owed = [d for d in batch if d.job is not None]
         ready = [d.verified for d in batch if d.job is None]
@@ -312,21 +344,29 @@ class CameraSession:
                 again.append(f)
         elif ready:
             await asyncio.to_thread(fsync_dir, session_dir)
+        await self._recorded()
         if ready:
-            await rt.journal(rt.journal.journal.files_verified, ready)
-            for f, *_ in ready:
-                rt.bus.publish(
-                    Notice(
-                        "file_verified",
-                        self.camera,
-                        self.session_id,
-                        {"path": f.path, "size": f.size},
-                    )
-                )
-            self._publish_progress()
+            self._recording = asyncio.create_task(self._record(ready))
         for f in again:
             if not self.cancel.is_set():
                 await self._take(f, session_dir, buf, progress, again=True)
+
+    async def _record(self, ready: list[Verified]) -> None:
+        rt = self.rt
+        await rt.journal(rt.journal.journal.files_verified, ready)
+        for f, *_ in ready:
+            rt.bus.publish(
+                Notice(
+                    "file_verified", self.camera, self.session_id, {"path": f.path, "size": f.size}
+                )
+            )
+        self._publish_progress()
+
+    async def _recorded(self) -> None:
+        """Wait for the last batch's journal transaction (raising what it raised)."""
+        if self._recording is not None:
+            recording, self._recording = self._recording, None
+            await recording
 
     async def _record_walk(self, session: SessionRow) -> None:
         rt = self.rt
