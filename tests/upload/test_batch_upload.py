@@ -373,3 +373,43 @@ async def test_a_kill_between_link_and_journal_record_resumes_as_the_same_conten
     assert "session_uploaded" in [n.event for n in seen]
     assert "upload_failed" not in [n.event for n in seen]
     assert_in_store_once(bed, s, data)
+
+
+class AwayForAWhile(CountingStore):
+    """Away (StoreUnavailable, before writing anything) for the first `away` calls."""
+
+    def __init__(self, root: Path, away: int) -> None:
+        super().__init__(root)
+        self.away = away
+        self.calls: list[int] = []
+
+    def put_files(self, items: Sequence[PutItem]) -> list[PutOutcome]:
+        with self._lock:
+            self.calls.append(len(items))
+            away = len(self.calls) <= self.away
+        if away:
+            raise StoreUnavailable("store away (test)")
+        return super().put_files(items)
+
+
+async def test_while_the_store_is_away_each_worker_holds_one_file_then_batches_resume(
+    tmp_path: Path,
+) -> None:
+    """A batch that meets a store away keeps its first file only (the rest given back), as a
+    file alone would be held: nothing else is kept from the queue's order while it is away.
+    Once back, everything goes in once, in batches again."""
+    bed = Bed(tmp_path)
+    try:
+        store = AwayForAWhile(bed.evidence, away=4)
+        bed.store = store
+        s, data = bed.session("X6BATCH07", small_sizes(2 * BATCH_FILES + 2))
+
+        seen = await bed.upload(ended(s.id))
+
+        assert "session_uploaded" in [n.event for n in seen]
+        # two workers: each claimed a full batch, met the store away, then retried one file
+        assert sorted(store.calls[:4]) == [1, 1, BATCH_FILES, BATCH_FILES]
+        assert max(store.calls[4:]) > 1  # batches again once the store is back
+        assert_in_store_once(bed, s, data)
+    finally:
+        bed.journal.close()
