@@ -261,3 +261,25 @@ def test_the_bandwidth_limit_paces_every_byte_of_parts_sent_in_parallel(
     # 20 MiB at 40 MiB/s, less the 10 MiB burst the bucket starts with
     assert took >= (len(data) - bucket_limit.burst) / bucket_limit.rate * 0.9
     assert s3.client().get_object(Bucket=bucket, Key=KEY)["Body"].read() == data
+
+
+def test_a_put_while_another_worker_probes_heads_first_instead_of_waiting(
+    s3: Any, tmp_path: Path
+) -> None:
+    bucket = s3.bucket()
+    theirs, ours = b"theirs", b"ours!!"
+    s3.client().put_object(Bucket=bucket, Key=KEY, Body=theirs, ChecksumAlgorithm="SHA256")
+    store = make_store(s3, tmp_path, bucket)
+    seen = Requests(store)
+    with store._probe_mutex:  # as while another worker's probe is out
+        with pytest.raises(StoreConflict):
+            store.put_bytes(KEY, ours, sha(ours))
+        assert seen.take() == ["HeadObject"]  # taken: found by the HEAD, nothing put
+        new = f"{SESSION}/files/new.bin"
+        store.put_bytes(new, ours, sha(ours))
+        assert seen.take() == ["HeadObject", "PutObject"]
+        assert store._conditional is None
+    assert store.verify(new, sha(ours), len(ours)) == "checksum"
+    assert s3.client().get_object(Bucket=bucket, Key=KEY)["Body"].read() == theirs
+    store.put_bytes(f"{SESSION}/files/later.bin", ours, sha(ours))
+    assert store._conditional is True
