@@ -283,3 +283,75 @@ def test_a_put_while_another_worker_probes_heads_first_instead_of_waiting(
     assert s3.client().get_object(Bucket=bucket, Key=KEY)["Body"].read() == theirs
     store.put_bytes(f"{SESSION}/files/later.bin", ours, sha(ours))
     assert store._conditional is True
+
+
+def test_a_batch_of_small_files_is_put_several_at_once_with_one_outcome_each(
+    s3: Any, tmp_path: Path
+) -> None:
+    """The upload worker's batch (store/base.py BatchStore): every item put and verified, in
+    parallel; a key holding other bytes and a missing staged copy cost their item alone."""
+    from dockd.store.base import PutItem, batch_store
+    from dockd.store.s3_client import BATCH_IN_FLIGHT
+
+    bucket = s3.bucket()
+    store = probed(make_store(s3, tmp_path, bucket))
+    assert batch_store(store) is store
+    datas = [os.urandom(1000 + i) for i in range(20)]
+    items = [
+        PutItem(f"{SESSION}/files/{i}.bin", staged(tmp_path, d, f"{i}.bin"), sha(d), len(d))
+        for i, d in enumerate(datas)
+    ]
+    s3.client().put_object(
+        Bucket=bucket, Key=items[3].key, Body=b"other", ChecksumAlgorithm="SHA256"
+    )
+    store.put_file(items[5].key, items[5].source, items[5].sha256, items[5].size)  # a retry
+    items[7].source.unlink()
+    seen = Requests(store)
+    lock = threading.Lock()
+    now = {"n": 0, "max": 0}
+
+    def before_put(**_: Any) -> None:
+        with lock:
+            now["n"] += 1
+            now["max"] = max(now["max"], now["n"])
+
+    def after_put(**_: Any) -> None:
+        with lock:
+            now["n"] -= 1
+
+    store._s3.meta.events.register("before-call.s3.PutObject", before_put)
+    store._s3.meta.events.register("after-call.s3.PutObject", after_put)
+    out = store.put_files(items)
+    assert isinstance(out[3], StoreConflict)
+    assert isinstance(out[7], IntegrityError)
+    assert [o for i, o in enumerate(out) if i not in (3, 7)] == ["checksum"] * 18
+    names = seen.take()
+    assert names.count("PutObject") == 19 and names.count("HeadObject") == 2  # 412s: 3 and 5
+    assert 1 < now["max"] <= BATCH_IN_FLIGHT
+    c = s3.client()
+    for i, d in enumerate(datas):
+        if i not in (3, 7):
+            assert c.get_object(Bucket=bucket, Key=items[i].key)["Body"].read() == d
+    assert c.get_object(Bucket=bucket, Key=items[3].key)["Body"].read() == b"other"
+    assert store.stat(items[7].key) is None
+
+
+def test_a_batch_against_a_store_that_is_away_raises_for_the_whole_batch(tmp_path: Path) -> None:
+    from dockd.store.base import PutItem
+    from dockd.store.s3_client import make_client, make_session
+
+    (tmp_path / "secret").write_text("not-needed\n")
+    cfg = StoreConfig(
+        kind="s3",
+        endpoint_url="http://127.0.0.1:9",  # discard: nothing listens there
+        bucket="evidence",
+        access_key_id="AKIAEXAMPLE",
+        secret_access_key_file=tmp_path / "secret",
+    )
+    store = S3Store(make_client(make_session(cfg), cfg, max_attempts=1), "evidence")
+    items = [
+        PutItem(f"{SESSION}/files/{i}.bin", staged(tmp_path, b"x", f"{i}.bin"), sha(b"x"), 1)
+        for i in range(12)
+    ]
+    with pytest.raises(StoreUnavailable, match="unreachable"):
+        store.put_files(items)

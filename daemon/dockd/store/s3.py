@@ -55,8 +55,8 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -64,10 +64,18 @@ from typing import Any, BinaryIO
 from botocore.exceptions import BotoCoreError, ClientError
 
 from dockd.config import StoreConfig
-from dockd.errors import ConfigError, IntegrityError, StoreConflict, StoreError, StoreUnavailable
+from dockd.errors import (
+    ConfigError,
+    IntegrityError,
+    StoreConflict,
+    StoreError,
+    StoreRefused,
+    StoreUnavailable,
+)
 from dockd.observers.log import get as get_log
-from dockd.store.base import ObjectInfo
+from dockd.store.base import ObjectInfo, PutItem, PutOutcome
 from dockd.store.s3_client import (
+    BATCH_IN_FLIGHT,
     PARTS_IN_FLIGHT,
     FileSlice,
     PacedBody,
@@ -355,6 +363,36 @@ class S3Store:
                 self._put_multipart(key, full, f, sha256, size)
             else:
                 self._put_single(key, full, f, sha256, size, lambda: _hash_file(f)[0])
+
+    def put_files(self, items: Sequence[PutItem]) -> list[PutOutcome]:
+        """BatchStore (store/base.py): `put_file` then `verify` for every item, BATCH_IN_FLIGHT
+        at once, with every guarantee of the two; one outcome per item, in order.
+
+        StoreConflict, StoreRefused and IntegrityError cost their item alone. Anything else (the
+        store is away) stops the batch: items not yet started are dropped, those out are waited
+        for, and the first such error, in item order, is raised for the batch to be retried
+        whole (items already in with these bytes are then success again).
+        """
+
+        def one(it: PutItem) -> PutOutcome:
+            try:
+                self.put_file(it.key, it.source, it.sha256, it.size)
+                return self.verify(it.key, it.sha256, it.size)
+            except (StoreRefused, StoreConflict, IntegrityError) as exc:
+                return exc
+
+        if len(items) <= 1:
+            return [one(it) for it in items]
+        pool = ThreadPoolExecutor(min(BATCH_IN_FLIGHT, len(items)), thread_name_prefix="s3-batch")
+        try:
+            futures = [pool.submit(one, it) for it in items]
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for fu in futures:
+            if not fu.cancelled() and fu.exception() is not None:
+                fu.result()  # raises it
+        return [fu.result() for fu in futures]
 
     def put_bytes(self, key: str, data: bytes, sha256: str) -> None:
         full = self._full(key)

@@ -49,6 +49,8 @@ MAX_PARTS = 10_000
 # (FileSlice), so memory does not grow with it: a read buffer per part (urllib3's 16 KiB), not a
 # part. Connections: every worker may have this many parts out, hence `pool_connections`.
 PARTS_IN_FLIGHT = 4
+# Small files of one batch (S3Store.put_files) in flight at once, per upload worker.
+BATCH_IN_FLIGHT = 8
 
 # Codes that mean "wait and try again", whatever their HTTP status.
 AWAY_CODES = frozenset(
@@ -182,9 +184,10 @@ def make_client(
 
 def pool_connections(concurrency: int) -> int:
     """botocore's connection pool for `concurrency` upload workers, each with up to
-    PARTS_IN_FLIGHT parts out, plus a few for start-up, verify and listing (a request that
-    finds the pool empty opens a connection it then throws away: a TCP handshake per part)."""
-    return max(10, concurrency * PARTS_IN_FLIGHT + 2)
+    PARTS_IN_FLIGHT parts or BATCH_IN_FLIGHT small files out, plus a few for start-up, verify
+    and listing (a request that finds the pool empty opens a connection it then throws away,
+    with a warning: a TCP handshake per request)."""
+    return max(10, concurrency * max(PARTS_IN_FLIGHT, BATCH_IN_FLIGHT) + 2)
 
 
 def part_size_for(size: int, part_size: int) -> int:
