@@ -355,3 +355,15 @@ def test_a_batch_against_a_store_that_is_away_raises_for_the_whole_batch(tmp_pat
     ]
     with pytest.raises(StoreUnavailable, match="unreachable"):
         store.put_files(items)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 8, 64])
+def test_the_connection_pool_holds_every_request_the_workers_can_have_out(
+    concurrency: int,
+) -> None:
+    """Each upload worker has up to PARTS_IN_FLIGHT parts or BATCH_IN_FLIGHT small files out;
+    a request finding the pool full would open a connection and throw it away (urllib3 warns)."""
+    from dockd.store.s3_client import BATCH_IN_FLIGHT, pool_connections
+
+    per_worker = max(PARTS_IN_FLIGHT, BATCH_IN_FLIGHT)
+    assert pool_connections(concurrency) >= concurrency * per_worker + 1
