@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from dockd import __version__, clear
 from dockd.config import Config, load_config
+from dockd.durable import fsync_dir
 from dockd.errors import ConfigError, DockdError, SourceError
 from dockd.events import (
     CameraStatus,
@@ -40,7 +41,6 @@ from dockd.journal.states import FINISHED_STATES
 from dockd.journal.thread import JournalThread
 from dockd.observers import Observer, build_observers
 from dockd.observers.log import get as get_log
-from dockd.offload.copy import fsync_dir
 from dockd.offload.session import CameraSession
 from dockd.runtime import Problems, Runtime, free_bytes
 from dockd.sources import build_sources

@@ -1303,8 +1303,24 @@ class BitflipRun:
                         flip(path)
                         with lock:
                             flips.append((src, n))
+                            flipped_at[path] = (src, n)
 
                     self.before_readback = hook
+
+        # small files are read back by their group (settle_group), not by copy_file: a copy
+        # the group reports unverified after a flip is a flip caught
+        flipped_at: dict[Path, tuple[bytes, int]] = {}
+        real_settle = session_mod.settle_group
+
+        def counting_settle(dir_fd: int, owed: Any, buf: Any) -> Any:
+            ok = real_settle(dir_fd, owed, buf)
+            with lock:
+                for o, good in zip(owed, ok, strict=True):
+                    if o.staged in flipped_at:
+                        hit = flipped_at.pop(o.staged)
+                        if not good:
+                            caught.append(hit)
+            return ok
 
         def counting_copy(job: Any, *a: Any) -> Any:
             try:
@@ -1340,6 +1356,7 @@ class BitflipRun:
             with (
                 mock.patch.object(session_mod, "CopyJob", FlippingJob),
                 mock.patch.object(session_mod, "copy_file", counting_copy),
+                mock.patch.object(session_mod, "settle_group", counting_settle),
             ):
                 asyncio.run(self._daemon(cfg, cams))
         finally:

@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 import pytest
 import xxhash
 
+from dockd.durable import fsync_dir
 from dockd.errors import CameraGone, IntegrityError, ReadFailed, SourceChanged, StagingFull
-from dockd.offload.copy import Copied, CopyJob, Progress, copy_file, fsync_dir, hash_file
+from dockd.offload.copy import Copied, CopyJob, Progress, copy_file, hash_file
 
 if TYPE_CHECKING:
     from conftest import BadBlockCamera

@@ -26,15 +26,16 @@ from typing import Any
 
 import pytest
 
+from dockd import durable
 from dockd.config import parse_config
 from dockd.custody import check_chain
+from dockd.durable import open_dir
 from dockd.events import EventBus
 from dockd.ids import CameraId
 from dockd.journal import FileState, Journal, SessionState
 from dockd.journal.thread import JournalThread
-from dockd.offload import copy as copy_mod
 from dockd.offload import session as session_mod
-from dockd.offload.copy import Owed, open_dir, settle_group
+from dockd.offload.copy import Owed, settle_group
 from dockd.offload.session import GROUP_MAX_BYTES, CameraSession
 from dockd.runtime import Problems, Runtime
 from dockd.sources.base import Docked
@@ -198,7 +199,7 @@ def test_small_files_are_recorded_verified_only_after_a_syncfs_that_covered_thei
     files the journal holds verified. Every verified file must have been staged (renamed) and
     not yet recorded at some syncfs: recorded only after a sync that covered it."""
     site.add_small(10)
-    real = copy_mod._syncfs
+    real = durable.syncfs
     seen: list[tuple[set[int], set[int]]] = []  # per syncfs: (staged ids, verified ids)
 
     def spy(fd: int) -> bool:
@@ -209,7 +210,7 @@ def test_small_files_are_recorded_verified_only_after_a_syncfs_that_covered_thei
         assert real(fd), "syncfs must be available on this machine for this test"
         return True
 
-    monkeypatch.setattr(copy_mod, "_syncfs", spy)
+    monkeypatch.setattr(durable, "syncfs", spy)
     assert site.run() == SessionState.OFFLOADED
     with site.db() as conn:
         verified = _verified_ids(conn)
@@ -502,8 +503,7 @@ def test_settle_group_without_syncfs_fsyncs_each_file_and_still_verifies(
     group_dir: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     d, fd = group_dir
-    monkeypatch.setattr(copy_mod, "_SYNCFS_LOOKED_UP", True)
-    monkeypatch.setattr(copy_mod, "_SYNCFS", None)  # an old libc: no syncfs symbol
+    monkeypatch.setattr(durable, "_syncfs", None)  # an old libc: no syncfs symbol
     owed = _write_group(d, 3)
     assert settle_group(fd, owed, bytearray(4096)) == [True, True, True]
 
@@ -531,21 +531,43 @@ def test_settle_group_whose_sync_fails_removes_every_copy_of_the_group(
             ctypes.set_errno(5)  # EIO, as syncfs reports a writeback error
             return -1
 
-    monkeypatch.setattr(copy_mod, "_SYNCFS_LOOKED_UP", True)
-    monkeypatch.setattr(copy_mod, "_SYNCFS", Failing())
+    monkeypatch.setattr(durable, "SYNCFS_TYPES", frozenset({durable.fs_type(fd)}))
+    monkeypatch.setattr(durable, "_syncfs", Failing())
     owed = _write_group(d, 2)
     assert settle_group(fd, owed, bytearray(4096)) == [False, False]
     assert list(d.iterdir()) == []
 
 
-def test_syncfs_is_found_in_libc_and_succeeds_on_the_staging_filesystem(
+def test_syncfs_is_used_on_a_local_disk_filesystem_and_declined_on_tmpfs(
     group_dir: tuple[Path, int],
 ) -> None:
     _, fd = group_dir
-    assert copy_mod._syncfs(fd) is True
+    assert durable._syncfs is not None, "libc has syncfs on this machine"
+    assert durable.syncfs(fd) is (durable.fs_type(fd) in durable.SYNCFS_TYPES)
+    shm = open_dir(Path("/dev/shm"))  # tmpfs: nothing a syncfs could make durable
+    try:
+        assert durable.syncfs(shm) is False
+    finally:
+        os.close(shm)
 
 
-def test_syncfs_error_is_raised_as_oserror_with_its_errno() -> None:
+def test_syncfs_is_not_trusted_on_fuse_so_each_copy_is_fsynced(
+    group_dir: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel does not pass syncfs on to a FUSE server: a power cut on the fault campaign's
+    FUSE staging lost copies recorded verified when the group trusted it there."""
+    d, fd = group_dir
+    monkeypatch.setattr(durable, "fs_type", lambda fd: 0x65735546)  # FUSE_SUPER_MAGIC
+    fsynced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(durable.os, "fsync", lambda f: fsynced.append(f) or real_fsync(f))
+    owed = _write_group(d, 3)
+    assert settle_group(fd, owed, bytearray(4096)) == [True, True, True]
+    assert len(fsynced) >= 3  # one per copy (the directory's own comes after, in copy.py)
+
+
+def test_syncfs_error_is_raised_as_oserror_with_its_errno(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(durable, "fs_type", lambda fd: 0xEF53)  # ext4
     with pytest.raises(OSError) as info:
-        copy_mod._syncfs(987654)  # not an open fd: EBADF
+        durable.syncfs(987654)  # not an open fd: EBADF
     assert info.value.errno == 9

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-import dockd.store.filesystem as fsmod
+from dockd import durable
 from dockd.errors import IntegrityError, StoreConflict, StoreRefused, StoreUnavailable
 from dockd.store.base import BatchStore, PutItem, batch_store
 from dockd.store.filesystem import INCOMING, FilesystemStore
@@ -103,7 +103,7 @@ def test_a_batch_of_small_files_is_stored_read_only_verified_and_leaves_no_tempo
     tmp_path: Path, root: Path, durability: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if durability == "fsync_each":  # as on a NAS or FUSE mount, whatever this filesystem is
-        monkeypatch.setattr(fsmod, "_SYNCFS_TYPES", frozenset())
+        monkeypatch.setattr(durable, "SYNCFS_TYPES", frozenset())
     files = small_files(40)
     items = staged(tmp_path, files)
 

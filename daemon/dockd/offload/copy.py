@@ -17,7 +17,8 @@ The steps, and why each is there:
 
 Small files (`CopyJob.durable=False`, chosen by the session) stop after the rename: steps 4's
 fsyncs and 5 are owed, and `settle_group` pays them for a whole group at once: one syncfs(2) of
-the staging filesystem and one directory fsync, then each file read back past the cache. A
+the staging filesystem where that reaches the disk (`dockd.durable`; an fsync per copy
+elsewhere) and one directory fsync, then each file read back past the cache. A
 per-file fsync costs a journal commit of the filesystem each (about 1 300/s on a fast SSD), which
 bounded the offload of thousands of small files; the group pays one. The final name may point at
 bytes that are not on disk yet in between, but nothing under it is recorded verified until the
@@ -27,7 +28,6 @@ group is settled, and after a crash an unrecorded file is simply copied again ov
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import hashlib
 import hmac
@@ -40,6 +40,8 @@ from pathlib import Path
 
 import xxhash
 
+from dockd import durable
+from dockd.durable import fsync_dir
 from dockd.errors import CameraGone, IntegrityError, ReadFailed, SourceChanged, StagingFull
 
 # errno values that mean the device went away rather than that one file is bad
@@ -320,15 +322,6 @@ def _hash_fd(fd: int, buf: bytearray) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename or create in `path` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _unlink_quietly(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -346,10 +339,11 @@ class Owed:
 
 def settle_group(dir_fd: int, owed: Sequence[Owed], buf: bytearray) -> list[bool]:
     """Pay what a group of copies in one directory owes before it can be recorded verified: make
-    their bytes and renames durable (`sync_files`: one syncfs of the staging filesystem and one
-    fsync of the directory, open as `dir_fd`), then read each back from the device past the page
-    cache and compare with its inline SHA-256. The sync comes first because POSIX_FADV_DONTNEED
-    does not drop dirty pages: a read-back before it would read memory.
+    their bytes and renames durable (`durable.sync_paths`: one syncfs of the staging filesystem
+    where that reaches the disk, else an fsync per copy; then one fsync of the directory open
+    as `dir_fd`), then read each back from the device past the page cache and compare with its
+    inline SHA-256. The sync comes first because POSIX_FADV_DONTNEED does not drop dirty
+    pages: a read-back before it would read memory.
 
     Returns, per copy, whether it is verified. A copy that is not (its hash differs, or it could
     not be read back) is removed from under its final name. A failed sync fails the whole group:
@@ -357,7 +351,8 @@ def settle_group(dir_fd: int, owed: Sequence[Owed], buf: bytearray) -> list[bool
     fsync reports the error where it belongs)."""
     paths = [o.staged for o in owed]
     try:
-        sync_files(dir_fd, paths)
+        durable.sync_paths(dir_fd, paths)
+        os.fsync(dir_fd)
     except OSError:
         for p in paths:
             _unlink_quietly(p)
@@ -402,56 +397,3 @@ def _open_dropped(o: Owed) -> int | None:
     with contextlib.suppress(OSError):  # advisory: without it the read just comes later
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
     return fd
-
-
-def sync_files(dir_fd: int, paths: Sequence[Path]) -> None:
-    """Make the data of `paths` and the entries of the directory open as `dir_fd` durable:
-    syncfs(2) on its filesystem (one journal commit for all of them), then an fsync of the
-    directory. Without syncfs (not Linux, or an old libc) each file is fsynced instead.
-
-    syncfs reports a writeback error of the filesystem that happened since `dir_fd` was opened
-    and not yet reported through it: the session opens it once, before its first copy, so no
-    error of its copies falls before it. (A read-back after the sync is the backstop for an
-    error reported to a concurrent syncfs of another fd: the device's bytes would differ.)"""
-    if not _syncfs(dir_fd):
-        for p in paths:
-            f = os.open(p, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                os.fsync(f)
-            finally:
-                os.close(f)
-    os.fsync(dir_fd)
-
-
-def open_dir(path: Path) -> int:
-    return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-
-
-_SYNCFS: Callable[[int], int] | None = None
-_SYNCFS_LOOKED_UP = False
-_SYNCFS_LOCK = threading.Lock()
-
-
-def _syncfs(fd: int) -> bool:
-    """syncfs(2) on the filesystem of `fd`. False when the call is not available; raises OSError
-    when it fails (a writeback error of the filesystem since `fd` was opened)."""
-    global _SYNCFS, _SYNCFS_LOOKED_UP
-    if not _SYNCFS_LOOKED_UP:
-        with _SYNCFS_LOCK:
-            if not _SYNCFS_LOOKED_UP:
-                try:
-                    fn = ctypes.CDLL(None, use_errno=True).syncfs
-                    fn.argtypes = [ctypes.c_int]
-                    fn.restype = ctypes.c_int
-                    _SYNCFS = fn
-                except (OSError, AttributeError):
-                    _SYNCFS = None
-                _SYNCFS_LOOKED_UP = True
-    if _SYNCFS is None:
-        return False
-    if _SYNCFS(fd) != 0:
-        err = ctypes.get_errno()
-        if err == errno.ENOSYS:
-            return False
-        raise OSError(err, f"syncfs: {os.strerror(err)}")
-    return True

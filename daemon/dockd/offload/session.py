@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+from dockd.durable import fsync_dir, open_dir
 from dockd.errors import (
     CameraGone,
     IntegrityError,
@@ -41,15 +42,7 @@ from dockd.ids import CameraId, SessionId, utc_now
 from dockd.journal import FileRow, FileState, SessionRow, SessionState
 from dockd.journal.offload import Verified
 from dockd.observers.log import get as get_log
-from dockd.offload.copy import (
-    CopyJob,
-    Owed,
-    Progress,
-    copy_file,
-    fsync_dir,
-    open_dir,
-    settle_group,
-)
+from dockd.offload.copy import CopyJob, Owed, Progress, copy_file, settle_group
 from dockd.offload.walk import Filter, Found, Skipped, walk
 from dockd.runtime import Runtime, free_bytes
 from dockd.sources.base import Docked

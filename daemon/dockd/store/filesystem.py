@@ -15,8 +15,6 @@ fsynced once, and every object read back from the device (page cache dropped) an
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import hashlib
 import hmac
@@ -24,8 +22,10 @@ import os
 import secrets
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
+from dockd import durable
+from dockd.durable import fsync_dir
 from dockd.errors import (
     IntegrityError,
     StoreConflict,
@@ -33,7 +33,6 @@ from dockd.errors import (
     StoreRefused,
     StoreUnavailable,
 )
-from dockd.offload.copy import fsync_dir
 from dockd.store.base import ObjectInfo, PutItem, PutOutcome
 from dockd.upload.throttle import TokenBucket
 
@@ -58,11 +57,6 @@ _AWAY = frozenset(
         errno.ETIMEDOUT,
     }
 )
-
-
-# statfs f_type of the local disk filesystems where syncfs(2) makes every file written on it
-# durable in one go (and, since Linux 5.8, reports a writeback error of any of them)
-_SYNCFS_TYPES = frozenset({0xEF53, 0x58465342, 0x9123683E})  # ext2/3/4, XFS, btrfs
 
 
 class FilesystemStore:
@@ -225,7 +219,7 @@ class FilesystemStore:
                         f"{it.key}: staged copy hashes to {got[:16]}…, journal says "
                         f"{it.sha256[:16]}…"
                     )
-            self._make_durable(dir_fd, [fds[i] for i in fds if out[i] is None])
+            durable.sync_fds(dir_fd, [fds[i] for i in fds if out[i] is None])
             for fd in fds.values():
                 os.close(fd)
             fds.clear()
@@ -273,23 +267,6 @@ class FilesystemStore:
             while view:
                 view = view[os.write(fd, view) :]
         return h.hexdigest()
-
-    def _make_durable(self, dir_fd: int, fds: list[int]) -> None:
-        """Every file in `fds` durable: one syncfs where it is known to reach the disk, else
-        writeback started on all (so one journal commit tends to cover them) and each fsynced."""
-        if not fds:
-            return
-        if _fs_type(dir_fd) in _SYNCFS_TYPES and _syncfs is not None:
-            if _syncfs(dir_fd) == 0:
-                return
-            err = ctypes.get_errno()
-            if err not in (errno.ENOSYS, errno.EINVAL):
-                raise OSError(err, os.strerror(err))
-        if _sync_file_range is not None:
-            for fd in fds:
-                _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # only a head start
-        for fd in fds:
-            os.fsync(fd)
 
     def _readback(
         self, paths: list[Path], items: Sequence[PutItem], index: list[int]
@@ -431,36 +408,3 @@ def _fsync_path(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-class _StatFs(ctypes.Structure):
-    # only the leading field is read; the buffer is big enough for the whole struct statfs
-    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 256)]
-
-
-def _libc_fn(name: str, *argtypes: type[ctypes._SimpleCData[Any]]) -> Any:
-    try:
-        fn = getattr(ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True), name)
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [*argtypes]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_syncfs = _libc_fn("syncfs", ctypes.c_int)
-_fstatfs = _libc_fn("fstatfs", ctypes.c_int, ctypes.c_void_p)
-_sync_file_range = _libc_fn(
-    "sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint
-)
-_SYNC_FILE_RANGE_WRITE = 2
-
-
-def _fs_type(fd: int) -> int | None:
-    """statfs f_type of the filesystem holding `fd`, None if it cannot be told."""
-    if _fstatfs is None:
-        return None
-    buf = _StatFs()
-    if _fstatfs(fd, ctypes.byref(buf)) != 0:
-        return None
-    return int(buf.f_type) & 0xFFFFFFFF

@@ -25,6 +25,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from dockd.custody import CustodyRecord, canonical, summarize
+from dockd.durable import fsync_dir
 from dockd.errors import (
     IntegrityError,
     StoreConflict,
@@ -38,7 +39,6 @@ from dockd.evidence import keys, manifest, mhl, sums
 from dockd.evidence.signing import DockKey
 from dockd.journal import FileRow, FileState, Journal, SessionRow
 from dockd.observers.log import get as get_log
-from dockd.offload.copy import fsync_dir
 from dockd.offload.session import staged_path
 from dockd.runtime import Runtime
 from dockd.store.base import PutItem, PutOutcome, Store, batch_store
