@@ -12,9 +12,12 @@ such a copy from a cold page cache, as after a restart: the clock runs from the 
 store and verified, the sidecars and the signed manifest are written and verified, and staging
 is released. dockd's verification is included: the filesystem store hashes what it writes and
 reads every object back from the device (fadvise DONTNEED); the S3 store sends the SHA-256 for
-the server to check (BadDigest otherwise), HEADs before writing (never overwrite) and compares
-the server's checksum after (store.verify = checksum, the default). Shipped defaults otherwise:
-upload.concurrency 2, S3 multipart over 64 MiB in 16 MiB parts.
+the server to check (BadDigest otherwise), never overwrites (If-None-Match, probed once; HEAD
+first where it is not honoured, and before every multipart upload) and compares the server's
+checksum from the put's answer (store.verify = checksum, the default). Small files go in
+batches (filesystem: one syncfs and one journal transaction per batch; S3: 8 puts at a time).
+Shipped defaults otherwise: upload.concurrency 2, S3 multipart over 64 MiB in 16 MiB parts, 4
+in flight per object.
 
 Baselines, from the same staged files and a cold cache:
   cp        `cp -r <staged session> <dir> && sync` into a directory on the same filesystem as
