@@ -68,7 +68,8 @@ class FilesystemStore:
     def _path(self, key: str) -> Path:
         parts = key.split("/")
         if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
-            raise StoreError(f"{key!r}: not a safe store key")
+            # the store cannot hold it under that name: costs this file only, never retried
+            raise StoreRefused(f"{key!r}: not a safe store key")
         return self.root.joinpath(*parts)
 
     def check(self) -> None:
@@ -145,8 +146,10 @@ class FilesystemStore:
             try:
                 os.link(tmp, dest, src_dir_fd=dir_fd)
             except FileExistsError:
+                # a retry after a crash between link and journal record: these very bytes are
+                # success, made durable again in case that try was cut short before its syncs
                 self._same_or_conflict(key, dest, sha256)
-                return
+                _fsync_path(dest)
             fsync_dir(dest.parent)
         finally:
             with contextlib.suppress(FileNotFoundError):
