@@ -225,7 +225,10 @@ def run_dockd(
         log_level=args.log_level,
         log_file=env.work / "dockd.log",
         setup=getattr(args, "setup", None),
-        offload={"chunk_size": args.chunk_mib * MiB} if getattr(args, "chunk_mib", 0) else {},
+        offload={
+            **({"chunk_size": args.chunk_mib * MiB} if getattr(args, "chunk_mib", 0) else {}),
+            **({"copy_workers": args.copy_workers} if getattr(args, "copy_workers", 0) else {}),
+        },
     )
     try:
         out = run_daemon(spec, on_start=profile.start if profile else None)
@@ -440,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", type=Path, default=None, help="py-spy the dockd runs into DIR")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--chunk-mib", type=int, default=0, help="what-if: offload.chunk_size")
+    ap.add_argument("--copy-workers", type=int, default=0, help="what-if: offload.copy_workers")
     ap.add_argument(
         "--setup",
         default=None,
