@@ -447,3 +447,30 @@ def test_undock_during_read_retry_backoff_raises_camera_gone_and_leaves_nothing(
         run(job, cancel=cancel)
     assert len(cancel.waits) == 2  # no third attempt once undocked
     assert leftovers(staging) == []
+
+
+def test_read_ahead_is_asked_only_for_a_regular_file_and_never_blocks_or_fails_the_copy(
+    camera: Path, staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file named in `prefetch` is camera content like any other: a FIFO must not hang the
+    open, a symlink is not followed, and nothing about it can fail the copy in hand."""
+    source, data = put(camera, 3 * CHUNK)
+    regular, _ = put(camera, 1000, name="next.MP4", seed=2)
+    fifo = camera / "fifo.MP4"
+    os.mkfifo(fifo)
+    link = camera / "link.MP4"
+    link.symlink_to(regular)
+    advised: list[str] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            advised.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    for n, target in enumerate([regular, fifo, link, camera / "gone.MP4", camera]):
+        job = job_for(source, staging, prefetch=os.fsencode(target))
+        job.staged = staging / str(n)
+        assert run(job).sha256 == hashlib.sha256(data).hexdigest()
+    assert advised == [str(regular)]

@@ -34,6 +34,7 @@ from dockd.events import EventBus
 from dockd.ids import CameraId
 from dockd.journal import FileState, Journal, SessionState
 from dockd.journal.thread import JournalThread
+from dockd.offload import copy as copy_mod
 from dockd.offload import session as session_mod
 from dockd.offload.copy import Owed, settle_group
 from dockd.offload.session import GROUP_MAX_BYTES, CameraSession
@@ -571,3 +572,30 @@ def test_syncfs_error_is_raised_as_oserror_with_its_errno(monkeypatch: pytest.Mo
     with pytest.raises(OSError) as info:
         durable.syncfs(987654)  # not an open fd: EBADF
     assert info.value.errno == 9
+
+
+# --------------------------------------------------------------------------------------------
+# read-ahead of the small files to come
+# --------------------------------------------------------------------------------------------
+
+
+def test_each_small_copy_starts_the_read_ahead_of_the_file_prefetch_ahead_places_later(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    site.add_small(20)
+    site.add("DCIM/zz-big.MP4", os.urandom(GROUP_MAX_BYTES + 1))  # last in path order
+    asked: list[str] = []
+    real = copy_mod._start_readahead
+
+    def spy(path: bytes) -> None:
+        asked.append(os.fsdecode(path))
+        real(path)
+
+    monkeypatch.setattr(copy_mod, "_start_readahead", spy)
+    assert site.run() == SessionState.OFFLOADED
+    in_order = sorted(str(p) for p in site.camera.rglob("*") if p.is_file())
+    small = [p for p in in_order if not p.endswith("zz-big.MP4")]
+    # each file from the PREFETCH_AHEAD-th on is asked for once, by the copy that many before
+    # it; a big file is never asked for (the kernel's own read-ahead serves its stream)
+    assert sorted(asked) == small[session_mod.PREFETCH_AHEAD :]
+    assert site.staged() == site.files

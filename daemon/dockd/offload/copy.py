@@ -85,6 +85,8 @@ class CopyJob:
     # staging): called after the rename (and, for a grouped file, after the group's sync), before
     # the read-back.
     before_readback: Callable[[Path], None] | None = None
+    # another (small) camera file, soon to be copied, whose read-ahead is started first
+    prefetch: bytes | None = None
 
 
 def copy_file(job: CopyJob, buf: bytearray, progress: Progress, cancel: threading.Event) -> Copied:
@@ -94,6 +96,8 @@ def copy_file(job: CopyJob, buf: bytearray, progress: Progress, cancel: threadin
     With `job.durable` False: copy, hash, rename (replacing what a crash may have left under the
     final name), and the source re-read if asked; the rest is owed to `settle_group`."""
     partial = job.staged.with_name(job.staged.name + ".partial")
+    if job.prefetch is not None:
+        _start_readahead(job.prefetch)
     try:
         digest, xxh128 = _copy(job, partial, buf, progress, cancel)
         os.rename(partial, job.staged)
@@ -205,6 +209,25 @@ def _open_source(job: CopyJob, cancel: threading.Event) -> int:
             if cancel.wait(min(0.1 * 2**attempt, 2.0)):
                 raise CameraGone(f"{job.source!r}: camera undocked during copy") from exc
     raise AssertionError("unreachable")
+
+
+def _start_readahead(path: bytes) -> None:
+    """Ask the kernel to start reading a camera file that will be copied soon, so small files'
+    reads are in flight together instead of one cold read per file per worker. Advisory only:
+    any failure is left for that file's own copy to meet and report. Opened as a copy opens
+    its source (no symlink, no blocking on a FIFO), and only a regular file is advised."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _open_source_once(job: CopyJob, cancel: threading.Event) -> int:

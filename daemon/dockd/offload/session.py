@@ -52,6 +52,8 @@ PAGE = 500
 # journal commits of verified files are batched: a large file was fsynced and read back before
 # it joins a batch; a small one (at most GROUP_MAX_BYTES) owes both to the batch's flush
 FLUSH_FILES = 64
+# how far ahead of the copies a small file's read-ahead is started (files)
+PREFETCH_AHEAD = 8
 FLUSH_SECONDS = 0.25
 # at most this size a file is made durable and read back with its group, not on its own: its
 # fsync would cost far more than its copy, while a large file's copy hides its read-back
@@ -86,6 +88,8 @@ class CameraSession:
         self.state: SessionState | None = None
         self._progresses: list[Progress] = []  # one per copy worker (one writer each)
         self._batch: list[_Done] = []
+        # file id -> the camera path whose read-ahead its copy starts (files in the queue only)
+        self._prefetch: dict[int, bytes] = {}
         self._dir_fd = -1  # the session's staging folder, open for syncfs while copying
         self._workers_left = 0
         self._recording: asyncio.Task[None] | None = None  # the last batch's journal transaction
@@ -208,20 +212,29 @@ class CameraSession:
     async def _feed(
         self, queue: asyncio.Queue[FileRow | None], session_id: SessionId, workers: int
     ) -> None:
-        """Pending files in path order, a page at a time (memory bounded by the page)."""
+        """Pending files in path order, a page at a time (memory bounded by the page). Each file
+        handed out names a small file PREFETCH_AHEAD places later, whose read-ahead its copy
+        starts: a small file's cold read from the camera was the largest share of the copy
+        threads' time, one at a time per worker."""
         j = self.rt.journal.journal
         after = ""
         while not self.cancel.is_set():
             page = await self.rt.journal(j.pending_page, session_id, after, PAGE)
             if not page:
                 break
-            for f in page:
+            for i, f in enumerate(page):
                 after = f.path
                 if self.cancel.is_set():
                     break
+                ahead = page[i + PREFETCH_AHEAD] if i + PREFETCH_AHEAD < len(page) else None
+                if ahead is not None and ahead.size <= GROUP_MAX_BYTES:
+                    self._prefetch[f.id] = self._source(ahead)
                 await queue.put(f)
         for _ in range(workers):
             await queue.put(None)
+
+    def _source(self, f: FileRow) -> bytes:
+        return os.path.join(os.fsencode(self.docked.root), f.raw_path or f.path.encode())
 
     async def _copy_worker(
         self,
@@ -400,7 +413,8 @@ class CameraSession:
         which spent one attempt; the next ones take the per-file path."""
         rt = self.rt
         cfg = rt.config.offload
-        source = os.path.join(os.fsencode(self.docked.root), f.raw_path or f.path.encode())
+        source = self._source(f)
+        prefetch = self._prefetch.pop(f.id, None)
         attempts = 1 if again else 0
         per_file = again
         loop = asyncio.get_running_loop()
@@ -419,7 +433,9 @@ class CameraSession:
                 sync_dir=False,  # the batch flush fsyncs the directory once, before recording
                 durable=not grouped,  # grouped: the batch flush syncs and reads back
                 before_readback=self.before_readback,
+                prefetch=prefetch,
             )
+            prefetch = None  # a retry need not ask again
             progress.bytes_done = 0
             try:
                 copied = await loop.run_in_executor(
