@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
@@ -146,6 +146,16 @@ class Db:
             raise JournalError("custody records are appended inside a transaction only")
         return append_custody(self.conn, self.dock_id, event, session_id, details)
 
+    def custody_run(
+        self, records: Sequence[tuple[str, str | None, Mapping[str, Any]]]
+    ) -> list[CustodyRecord]:
+        """Append custody records (event, session id, details) in order, the chain heads read
+        once for the run (a batch of files), not twice per record. Must be called inside
+        `tx()`."""
+        if not self._in_tx:
+            raise JournalError("custody records are appended inside a transaction only")
+        return append_custody_run(self.conn, self.dock_id, records)
+
     def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
         row: sqlite3.Row | None = self.conn.execute(sql, args).fetchone()
         return row
@@ -189,40 +199,67 @@ def append_custody(
     session_id: str | None,
     details: Mapping[str, Any],
 ) -> CustodyRecord:
+    return append_custody_run(conn, dock_id, [(event, session_id, details)])[0]
+
+
+def append_custody_run(
+    conn: sqlite3.Connection,
+    dock_id: str,
+    records: Sequence[tuple[str, str | None, Mapping[str, Any]]],
+) -> list[CustodyRecord]:
+    """Append custody records (event, session id, details) in order, each linked to the dock
+    chain's head and to its session's last record. The heads are read once for the run, not
+    per record: callers are inside a write transaction (BEGIN IMMEDIATE), so no other writer
+    can move them meanwhile."""
     head = conn.execute("SELECT seq, hash FROM custody ORDER BY seq DESC LIMIT 1").fetchone()
-    seq, prev = (1, GENESIS) if head is None else (head[0] + 1, head[1])
-    session_prev: str | None = None
-    if session_id is not None:
-        last = conn.execute(
-            "SELECT hash FROM custody WHERE session_id = ? ORDER BY seq DESC LIMIT 1",
-            (session_id,),
-        ).fetchone()
-        session_prev = None if last is None else last[0]
-    at = utc_now()
-    clean = json.loads(json.dumps(dict(details), default=str))  # what is stored is what is hashed
-    digest = record_hash(
-        seq=seq,
-        at=at,
-        dock_id=dock_id,
-        session_id=session_id,
-        event=event,
-        details=clean,
-        prev_hash=prev,
-        session_prev=session_prev,
-    )
-    conn.execute(
+    seq, prev = (0, GENESIS) if head is None else (head[0], head[1])
+    session_heads: dict[str, str | None] = {}
+    out: list[CustodyRecord] = []
+    for event, session_id, details in records:
+        session_prev: str | None = None
+        if session_id is not None:
+            if session_id not in session_heads:
+                last = conn.execute(
+                    "SELECT hash FROM custody WHERE session_id = ? ORDER BY seq DESC LIMIT 1",
+                    (session_id,),
+                ).fetchone()
+                session_heads[session_id] = None if last is None else last[0]
+            session_prev = session_heads[session_id]
+        seq += 1
+        at = utc_now()
+        clean = json.loads(json.dumps(dict(details), default=str))  # what is stored is hashed
+        digest = record_hash(
+            seq=seq,
+            at=at,
+            dock_id=dock_id,
+            session_id=session_id,
+            event=event,
+            details=clean,
+            prev_hash=prev,
+            session_prev=session_prev,
+        )
+        out.append(
+            CustodyRecord(seq, at, dock_id, session_id, event, clean, prev, session_prev, digest)
+        )
+        prev = digest
+        if session_id is not None:
+            session_heads[session_id] = digest
+    conn.executemany(
         "INSERT INTO custody (seq, at, dock_id, session_id, event, details, prev_hash,"
         " session_prev, hash) VALUES (?,?,?,?,?,?,?,?,?)",
-        (
-            seq,
-            at,
-            dock_id,
-            session_id,
-            event,
-            json.dumps(clean, sort_keys=True),
-            prev,
-            session_prev,
-            digest,
-        ),
+        [
+            (
+                r.seq,
+                r.at,
+                r.dock_id,
+                r.session_id,
+                r.event,
+                json.dumps(r.details, sort_keys=True),
+                r.prev_hash,
+                r.session_prev,
+                r.hash,
+            )
+            for r in out
+        ],
     )
-    return CustodyRecord(seq, at, dock_id, session_id, event, clean, prev, session_prev, digest)
+    return out

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from dockd.custody import GENESIS, record_hash
 from dockd.errors import JournalError
 from dockd.ids import CameraId, SessionId, new_session_id, utc_now
 from dockd.journal.db import Db
@@ -243,7 +241,7 @@ class OffloadJournal(Db):
         """Mark files verified in staging: (row, sha256, copied_at[, xxh128]). One transaction
         for the batch; each file's data and directory entry were made durable and read back
         before this is called. The batch's states are read in one query and its custody records
-        appended with the chain heads read once (`_custody_run`): this is the journal's
+        appended with the chain heads read once (`custody_run`): this is the journal's
         busiest write, one per FLUSH_FILES files."""
         done = list(done)
         if not done:
@@ -285,64 +283,7 @@ class OffloadJournal(Db):
                 " error = NULL WHERE id = ?",
                 updates,
             )
-            self._custody_run(records)
-
-    def _custody_run(self, records: list[tuple[str, str, dict[str, Any]]]) -> None:
-        """Append custody records inside the current transaction, as `db.append_custody` does
-        one by one (the same seq, links, `at`, stored and hashed details), but with the dock
-        chain's head and each session's head read once for the run, not twice per record.
-        Inside `tx()` (BEGIN IMMEDIATE) no other writer can move the heads meanwhile."""
-        if not records:
-            return
-        if not self._in_tx:
-            raise JournalError("custody records are appended inside a transaction only")
-        head = self.conn.execute(
-            "SELECT seq, hash FROM custody ORDER BY seq DESC LIMIT 1"
-        ).fetchone()
-        seq, prev = (0, GENESIS) if head is None else (head[0], head[1])
-        session_heads: dict[str, str | None] = {}
-        rows = []
-        for event, session_id, details in records:
-            if session_id not in session_heads:
-                last = self.conn.execute(
-                    "SELECT hash FROM custody WHERE session_id = ? ORDER BY seq DESC LIMIT 1",
-                    (session_id,),
-                ).fetchone()
-                session_heads[session_id] = None if last is None else last[0]
-            session_prev = session_heads[session_id]
-            seq += 1
-            at = utc_now()
-            clean = json.loads(json.dumps(details, default=str))  # what is stored is hashed
-            digest = record_hash(
-                seq=seq,
-                at=at,
-                dock_id=self.dock_id,
-                session_id=session_id,
-                event=event,
-                details=clean,
-                prev_hash=prev,
-                session_prev=session_prev,
-            )
-            rows.append(
-                (
-                    seq,
-                    at,
-                    self.dock_id,
-                    session_id,
-                    event,
-                    json.dumps(clean, sort_keys=True),
-                    prev,
-                    session_prev,
-                    digest,
-                )
-            )
-            prev = digest
-            session_heads[session_id] = digest
-        self.conn.executemany(
-            "INSERT INTO custody (seq, at, dock_id, session_id, event, details, prev_hash,"
-            " session_prev, hash) VALUES (?,?,?,?,?,?,?,?,?)",
-            rows,
-        )
+            self.custody_run(records)
 
     def file_given_up(self, f: FileRow, state: FileState, error: str) -> None:
         with self.tx():

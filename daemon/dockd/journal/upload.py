@@ -98,15 +98,16 @@ class UploadJournal(Db):
                 "UPDATE files SET state = ?, key = ?, stored_at = ?, error = NULL WHERE id = ?",
                 [(FileState.STORED, key, now, f.id) for f, key, _, _ in todo],
             )
-            for f, key, sha256, method in todo:
-                self.custody(
-                    "file_stored",
-                    f.session_id,
-                    path=f.path,
-                    key=key,
-                    sha256=sha256,
-                    verified_by=method,
-                )
+            self.custody_run(
+                [
+                    (
+                        "file_stored",
+                        f.session_id,
+                        {"path": f.path, "key": key, "sha256": sha256, "verified_by": method},
+                    )
+                    for f, key, sha256, method in todo
+                ]
+            )
 
     def _file_stored(self, f: FileRow, key: str, sha256: str, method: str) -> None:
         row = self.one("SELECT state FROM files WHERE id = ?", f.id)
