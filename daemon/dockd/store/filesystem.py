@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import hmac
 import os
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -124,24 +125,16 @@ class FilesystemStore:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
         try:
-            h = hashlib.sha256()
             try:
-                for chunk in chunks:
-                    if self.throttle is not None:
-                        self.throttle.take(len(chunk))
-                    h.update(chunk)
-                    view = memoryview(chunk)
-                    while view:
-                        view = view[os.write(fd, view) :]
+                got = self._write(fd, chunks)
                 os.fsync(fd)
                 os.fchmod(fd, OBJECT_MODE)
             finally:
                 os.close(fd)
-            if not hmac.compare_digest(h.hexdigest(), sha256):
+            if not hmac.compare_digest(got, sha256):
                 # staging no longer holds what was verified: never send it on
                 raise IntegrityError(
-                    f"{key}: staged copy hashes to {h.hexdigest()[:16]}…, journal says "
-                    f"{sha256[:16]}…"
+                    f"{key}: staged copy hashes to {got[:16]}…, journal says {sha256[:16]}…"
                 )
             try:
                 os.link(tmp, dest, src_dir_fd=dir_fd)
@@ -215,7 +208,7 @@ class FilesystemStore:
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
                 fds[i] = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
                 temps[i] = tmp
-                got = self._write(fds[i], src)
+                got = self._write(fds[i], iter(functools.partial(src.read, CHUNK), b""))
                 os.fchmod(fds[i], OBJECT_MODE)
                 if not hmac.compare_digest(got, it.sha256):
                     out[i] = IntegrityError(
@@ -260,9 +253,10 @@ class FilesystemStore:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp, dir_fd=dir_fd)
 
-    def _write(self, fd: int, src: BinaryIO) -> str:
+    def _write(self, fd: int, chunks: Iterable[bytes]) -> str:
+        """Write every chunk to `fd` (paced by the bandwidth limit); the SHA-256 of them."""
         h = hashlib.sha256()
-        while chunk := src.read(CHUNK):
+        for chunk in chunks:
             if self.throttle is not None:
                 self.throttle.take(len(chunk))
             h.update(chunk)
