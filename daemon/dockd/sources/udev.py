@@ -334,19 +334,8 @@ class UdevSource:
         assert dev.devname is not None and dev.fs_type is not None
         point = clear_point(self.mount_dir, cam_id)
         try:
-            await asyncio.to_thread(check_device, dev.devname, dev.major, dev.minor)
-            await asyncio.to_thread(prepare_point, point)
-            mounted = await mount_camera(
-                dev.devname,
-                dev.fs_type,
-                point,
-                fuse_helpers=self.config.fuse_helpers,
-                limit_s=self.config.mount_timeout,
-                writable=True,
-            )
+            mounted = await self._mount(dev, point, writable=True)
         except (MountError, OSError) as exc:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(os.rmdir, point)
             self._log.error(
                 "camera_mount_failed",
                 camera=cam_id,
@@ -561,18 +550,8 @@ class UdevSource:
         cam = CameraId(dev.serial)
         point = self.mount_dir / cam
         try:
-            await asyncio.to_thread(check_device, dev.devname, dev.major, dev.minor)
-            await asyncio.to_thread(prepare_point, point)
-            mounted = await mount_camera(
-                dev.devname,
-                dev.fs_type,
-                point,
-                fuse_helpers=self.config.fuse_helpers,
-                limit_s=self.config.mount_timeout,
-            )
+            mounted = await self._mount(dev, point, writable=False)
         except (MountError, OSError) as exc:
-            with contextlib.suppress(OSError):
-                await asyncio.to_thread(os.rmdir, point)
             self._log.error(
                 "camera_mount_failed",
                 camera=cam,
@@ -619,6 +598,27 @@ class UdevSource:
             return
         self._present[dev.devpath] = camera
         self._emit(docked)
+
+    async def _mount(self, dev: BlockDevice, point: Path, *, writable: bool) -> Mounted:
+        """Check the device node is the one udev named, make the private mount point and mount
+        (read-only for the offload, `writable` for the clear step). On failure the point is
+        removed again and the error raised for the caller to log and report."""
+        assert dev.devname is not None and dev.fs_type is not None
+        try:
+            await asyncio.to_thread(check_device, dev.devname, dev.major, dev.minor)
+            await asyncio.to_thread(prepare_point, point)
+            return await mount_camera(
+                dev.devname,
+                dev.fs_type,
+                point,
+                fuse_helpers=self.config.fuse_helpers,
+                limit_s=self.config.mount_timeout,
+                writable=writable,
+            )
+        except (MountError, OSError):
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(os.rmdir, point)
+            raise
 
     def _refuse(self, dev: BlockDevice, reason: str) -> None:
         if self._refused.get(dev.devpath) == (dev.identity, reason):
