@@ -23,7 +23,11 @@ from typing import Any
 # statfs f_type of the local disk filesystems where syncfs(2) makes every file durable at once
 SYNCFS_TYPES = frozenset({0xEF53, 0x58465342, 0x9123683E})  # ext2/3/4, XFS, btrfs
 
+_SYNC_FILE_RANGE_WAIT_BEFORE = 1
 _SYNC_FILE_RANGE_WRITE = 2
+_SYNC_FILE_RANGE_WAIT_AFTER = 4
+# errno of a sync_file_range(2) that cannot be used here (not of a write that failed)
+_RANGE_UNSUPPORTED = frozenset({errno.ENOSYS, errno.EINVAL, errno.ESPIPE, errno.EOPNOTSUPP})
 
 
 def fsync_dir(path: Path) -> None:
@@ -64,6 +68,34 @@ def sync_fds(dir_fd: int, fds: Sequence[int]) -> None:
             _sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)  # only a head start
     for fd in fds:
         os.fsync(fd)
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Start writing `length` bytes of `fd` from `offset` to the device without waiting: True
+    when started, False where sync_file_range(2) is not available (nothing was done). Raises
+    OSError for a writeback error (EIO, ENOSPC): the range may have consumed the error that a
+    later fsync of this descriptor would have reported, so it must not be ignored."""
+    return _file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+def wait_written(fd: int, offset: int, length: int) -> bool:
+    """Write the range to the device and wait until it is there: its pages are then clean, so
+    POSIX_FADV_DONTNEED evicts them and a read comes from the device. Not durability: neither
+    the file's metadata nor the device's write cache is flushed (an fsync does that). Returns
+    and raises as `start_writeback`."""
+    flags = _SYNC_FILE_RANGE_WAIT_BEFORE | _SYNC_FILE_RANGE_WRITE | _SYNC_FILE_RANGE_WAIT_AFTER
+    return _file_range(fd, offset, length, flags)
+
+
+def _file_range(fd: int, offset: int, length: int, flags: int) -> bool:
+    if _sync_file_range is None:
+        return False
+    if _sync_file_range(fd, offset, length, flags) != 0:
+        err = ctypes.get_errno()
+        if err in _RANGE_UNSUPPORTED:
+            return False
+        raise OSError(err, f"sync_file_range: {os.strerror(err)}")
+    return True
 
 
 def sync_paths(dir_fd: int, paths: Sequence[Path]) -> None:

@@ -50,6 +50,12 @@ class Crash(Exception):
     """Stands for a kill -9: raised out of the session, which then records nothing more."""
 
 
+def _file_id(path: Path) -> int:
+    """The journal id a staged copy is named by; the per-file path shows the seam its
+    `.partial` (it is proven before it gets its name)."""
+    return int(path.name.removesuffix(".partial"))
+
+
 @pytest.fixture(autouse=True)
 def small_groups(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(session_mod, "FLUSH_FILES", GROUP)
@@ -335,12 +341,12 @@ def test_bit_flipped_in_a_grouped_small_file_is_caught_and_the_file_copied_again
         s = CameraSession(rt, docked, CameraId(CAMERA))
 
         def flip_first(path: Path) -> None:
-            reads.append(path.name)
+            reads.append(str(_file_id(path)))
             with sqlite3.connect(site.config.journal_path) as conn:
-                (rel,) = conn.execute("SELECT path FROM files WHERE id = ?", (int(path.name),))
+                (rel,) = conn.execute("SELECT path FROM files WHERE id = ?", (_file_id(path),))
                 rel = rel[0]
             if rel == victim and not flips:
-                flips.append(path.name)
+                flips.append(str(_file_id(path)))
                 _flip_one_bit(path)
 
         s.before_readback = flip_first
@@ -367,9 +373,9 @@ def test_grouped_small_file_flipped_on_every_attempt_ends_failed_and_leaves_no_c
 
         def flip(path: Path) -> None:
             with sqlite3.connect(site.config.journal_path) as conn:
-                (rel,) = conn.execute("SELECT path FROM files WHERE id = ?", (int(path.name),))
+                (rel,) = conn.execute("SELECT path FROM files WHERE id = ?", (_file_id(path),))
             if rel[0] == "DCIM/100CAM/0003.JPG":
-                victim_id.append(int(path.name))
+                victim_id.append(_file_id(path))
                 _flip_one_bit(path)
 
         s.before_readback = flip

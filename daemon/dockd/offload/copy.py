@@ -8,15 +8,17 @@ The steps, and why each is there:
    directory source can change under us);
 2. read chunk by chunk into one reused buffer, hash, write to `<id>.partial` (O_EXCL, 0600);
 3. fstat the source again: a size or mtime that moved means the copy is of a moving target;
-4. fsync the data, then rename to the final name and fsync the directory, so the final name never
-   points at bytes that are not on disk;
-5. drop the copy's pages from the cache (fsync made them clean, so POSIX_FADV_DONTNEED evicts
-   them) and read the file back from the device, comparing its hash with the inline one. On
-   filesystems without a page cache of their own (tmpfs) there is nothing to drop and the
-   read-back proves only what memory holds; staging belongs on a real disk.
+4. as it goes, start each chunk's write-back, and read the chunk before it back from the device
+   (its write-back waited for, its pages dropped: POSIX_FADV_DONTNEED evicts clean pages) into
+   a second SHA-256 (`_ReadBack`), so the disk writes while the source is read;
+5. fsync the data, read back the rest, and compare the read-back's hash with the inline one;
+   only then rename to the final name and fsync the directory, so the final name never points
+   at bytes that are not on disk or not proven. On filesystems without a page cache of their
+   own (tmpfs) there is nothing to drop and the read-back proves only what memory holds;
+   staging belongs on a real disk.
 
-Small files (`CopyJob.durable=False`, chosen by the session) stop after the rename: steps 4's
-fsyncs and 5 are owed, and `settle_group` pays them for a whole group at once: one syncfs(2) of
+Small files (`CopyJob.durable=False`, chosen by the session) stop after the rename: steps 4 and
+5 are owed, and `settle_group` pays them for a whole group at once: one syncfs(2) of
 the staging filesystem where that reaches the disk (`dockd.durable`; an fsync per copy
 elsewhere) and one directory fsync, then each file read back past the cache. A
 per-file fsync costs a journal commit of the filesystem each (about 1 300/s on a fast SSD), which
@@ -31,6 +33,7 @@ import contextlib
 import errno
 import hashlib
 import hmac
+import mmap
 import os
 import stat
 import threading
@@ -43,6 +46,8 @@ import xxhash
 from dockd import durable
 from dockd.durable import fsync_dir
 from dockd.errors import CameraGone, IntegrityError, ReadFailed, SourceChanged, StagingFull
+
+_PAGE = mmap.PAGESIZE
 
 # errno values that mean the device went away rather than that one file is bad
 _GONE = frozenset({errno.ENODEV, errno.ENXIO, errno.ESHUTDOWN, errno.ENOTCONN})
@@ -90,7 +95,7 @@ class CopyJob:
 
 
 def copy_file(job: CopyJob, buf: bytearray, progress: Progress, cancel: threading.Event) -> Copied:
-    """Copy, hash, fsync, rename, read back. Raises CameraGone, SourceChanged, ReadFailed,
+    """Copy, hash, fsync, read back, rename. Raises CameraGone, SourceChanged, ReadFailed,
     StagingFull or IntegrityError; on any of them no file is left under the final name.
 
     With `job.durable` False: copy, hash, rename (replacing what a crash may have left under the
@@ -104,24 +109,12 @@ def copy_file(job: CopyJob, buf: bytearray, progress: Progress, cancel: threadin
     except BaseException:
         _unlink_quietly(partial)
         raise
-    if not job.durable:
-        if job.verify_source:
-            _check_source_again(job, buf, cancel, digest)
-        return Copied(digest, xxh128, job.size, job.mtime_ns)
-    try:
-        if job.sync_dir:
+    if job.durable and job.sync_dir:
+        try:
             fsync_dir(job.staged.parent)
-        if job.before_readback is not None:
-            job.before_readback(job.staged)
-        back = hash_file(job.staged, buf, drop_cache=True)
-    except BaseException:
-        _unlink_quietly(job.staged)  # unverified: must not stay under the final name
-        raise
-    if not hmac.compare_digest(back, digest):
-        _unlink_quietly(job.staged)
-        raise IntegrityError(
-            f"{job.staged}: read back from staging as {back[:16]}…, copied as {digest[:16]}…"
-        )
+        except BaseException:
+            _unlink_quietly(job.staged)  # its name is not durable: not evidence yet
+            raise
     if job.verify_source:
         _check_source_again(job, buf, cancel, digest)
     return Copied(digest, xxh128, job.size, job.mtime_ns)
@@ -141,7 +134,8 @@ def _check_source_again(job: CopyJob, buf: bytearray, cancel: threading.Event, d
 def _copy(
     job: CopyJob, partial: Path, buf: bytearray, progress: Progress, cancel: threading.Event
 ) -> tuple[str, str]:
-    """Returns (SHA-256, xxh128) of the bytes written."""
+    """Returns (SHA-256, xxh128) of the bytes written; for a durable job, only once they are
+    fsynced and read back from the device as the same SHA-256 (else IntegrityError)."""
     src = _open_source(job, cancel)
     try:
         before = os.fstat(src)
@@ -151,6 +145,7 @@ def _copy(
             h = hashlib.sha256()
             x = xxhash.xxh3_128()
             view = memoryview(buf)
+            back = _ReadBack(dst, partial, job.before_readback) if job.durable else None
             offset = 0
             while True:
                 if cancel.is_set():
@@ -164,20 +159,93 @@ def _copy(
                 _write_all(dst, chunk, partial)
                 offset += n
                 progress.bytes_done += n
+                if back is not None:
+                    back.written(offset, view)  # the chunk is written: `buf` is free again
             after = os.fstat(src)
             if offset != job.size:
                 raise SourceChanged(f"{job.source!r}: read {offset} bytes, expected {job.size}")
             _check_unchanged(job, after)
-            if job.durable:
+            digest = h.hexdigest()
+            if back is not None:
                 try:
                     os.fsync(dst)
                 except OSError as exc:
                     raise _staging_error(exc, partial) from exc
-            return h.hexdigest(), x.hexdigest()
+                got = back.finish(offset, view)
+                if not hmac.compare_digest(got, digest):
+                    raise IntegrityError(
+                        f"{job.staged}: read back from staging as {got[:16]}…, "
+                        f"copied as {digest[:16]}…"
+                    )
+            return digest, x.hexdigest()
         finally:
             os.close(dst)
     finally:
         os.close(src)
+
+
+class _ReadBack:
+    """A durable copy's read-back from the device, a chunk behind its writes.
+
+    After each chunk is written its write-back is started (sync_file_range), and the chunk
+    written before it, whose write-back has had a whole chunk's copy to run, is waited for,
+    evicted from the page cache (clean pages are evicted by POSIX_FADV_DONTNEED) and read back
+    into the SHA-256 of the read-back. The disk then writes while the source is read instead
+    of all at once at the fsync, and only the last chunk is read back after it: a file's
+    fsync-and-read-back tail, which nothing else overlaps at the end of a camera, shrinks from
+    the whole file to one chunk. The fsync still comes before the copy counts as verified
+    (the caller compares only after `finish`). Where sync_file_range cannot be used, every
+    byte is read back after the fsync, as a whole-file read-back would.
+    """
+
+    __slots__ = ("_done", "_fd", "_path", "_seam", "_sha", "_started", "_streaming")
+
+    def __init__(self, fd: int, path: Path, seam: Callable[[Path], None] | None) -> None:
+        self._fd, self._path, self._seam = fd, path, seam
+        self._sha = hashlib.sha256()
+        self._done = 0  # bytes read back
+        self._started = 0  # bytes whose write-back was started
+        self._streaming = True
+
+    def written(self, end: int, view: memoryview) -> None:
+        """Bytes up to `end` are written."""
+        # Ranges end on a page boundary: POSIX_FADV_DONTNEED leaves a page only partly inside
+        # its range in the cache, and a short read from the source must not leave a page
+        # that is read back from memory.
+        end -= end % _PAGE
+        if not self._streaming or end <= self._started:
+            return
+        try:
+            # this chunk's write-back queued first, so the disk has it while the last one's
+            # is waited for and read back
+            if not durable.start_writeback(self._fd, self._started, end - self._started):
+                self._streaming = False
+                return
+            waited = self._started > self._done and durable.wait_written(
+                self._fd, self._done, self._started - self._done
+            )
+        except OSError as exc:
+            raise _staging_error(exc, self._path) from exc
+        if waited:
+            self._read_back(self._started, view)
+        self._started = end
+
+    def finish(self, end: int, view: memoryview) -> str:
+        """After the fsync: read back the rest; the SHA-256 of every byte read back."""
+        self._read_back(end, view)
+        return self._sha.hexdigest()
+
+    def _read_back(self, end: int, view: memoryview) -> None:
+        if self._seam is not None:  # test seam: between the write and the first read-back
+            seam, self._seam = self._seam, None
+            seam(self._path)
+        os.posix_fadvise(self._fd, self._done, end - self._done, os.POSIX_FADV_DONTNEED)
+        while self._done < end:
+            n = os.preadv(self._fd, [view[: end - self._done]], self._done)
+            if n == 0:
+                raise IntegrityError(f"{self._path}: shorter when read back than written")
+            self._sha.update(view[:n])
+            self._done += n
 
 
 def _create_partial(partial: Path) -> int:
@@ -185,7 +253,7 @@ def _create_partial(partial: Path) -> int:
     evidence: it is removed and the create tried once more. (copy_file removes its own partial
     on every failure and the session removes a crash's on resume, so the common path spends no
     unlink on a name that is not there.)"""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC  # read: the read-back
     try:
         try:
             return os.open(partial, flags, 0o600)
@@ -323,18 +391,6 @@ def _hash_source(job: CopyJob, buf: bytearray, cancel: threading.Event) -> str:
         return h.hexdigest()
     finally:
         os.close(src)
-
-
-def hash_file(path: Path, buf: bytearray, *, drop_cache: bool) -> str:
-    """SHA-256 of `path`, read with `buf`. With drop_cache, evict its clean pages first so the
-    bytes come from the device, not from what we just wrote into memory."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        if drop_cache:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return _hash_fd(fd, buf)
-    finally:
-        os.close(fd)
 
 
 def _hash_fd(fd: int, buf: bytearray) -> str:
