@@ -15,6 +15,7 @@ import hmac
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
+from json.encoder import encode_basestring
 from typing import Any
 
 from dockd.errors import CustodyError
@@ -50,6 +51,14 @@ def canonical(data: Mapping[str, Any]) -> str:
     return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
+def canonical_details(details: Mapping[str, Any]) -> str:
+    """A record's details as stored and hashed: canonical JSON, a value JSON has no type for
+    (a path, a datetime) written as its str. Keys are the caller's strings."""
+    return json.dumps(
+        dict(details), sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
+    )
+
+
 def record_hash(
     *,
     seq: int,
@@ -61,17 +70,48 @@ def record_hash(
     prev_hash: str,
     session_prev: str | None,
 ) -> str:
-    body = {
-        "seq": seq,
-        "at": at,
-        "dock_id": dock_id,
-        "session_id": session_id,
-        "event": event,
-        "details": details,
-        "prev_hash": prev_hash,
-        "session_prev": session_prev,
-    }
-    return hashlib.sha256(canonical(body).encode("utf-8")).hexdigest()
+    return hash_with_details_json(
+        seq=seq,
+        at=at,
+        dock_id=dock_id,
+        session_id=session_id,
+        event=event,
+        details_json=canonical(details),
+        prev_hash=prev_hash,
+        session_prev=session_prev,
+    )
+
+
+def hash_with_details_json(
+    *,
+    seq: int,
+    at: str,
+    dock_id: str,
+    session_id: str | None,
+    event: str,
+    details_json: str,
+    prev_hash: str,
+    session_prev: str | None,
+) -> str:
+    """`record_hash` with the details already in canonical JSON: the journal serializes each
+    record's details once and hashes and stores that same text. The body is the canonical JSON
+    of the record without `hash`, written out in its sorted key order (tests hold it equal to
+    `canonical` of the dict)."""
+    body = (
+        f'{{"at":{_str(at)},"details":{details_json},"dock_id":{_str(dock_id)},'
+        f'"event":{_str(event)},"prev_hash":{_str(prev_hash)},"seq":{int(seq)},'
+        f'"session_id":{_opt(session_id)},"session_prev":{_opt(session_prev)}}}'
+    )
+    return hashlib.sha256(body.encode("utf-8")).hexdigest()
+
+
+def _str(value: str) -> str:
+    out: str = encode_basestring(value)  # json.dumps(value, ensure_ascii=False), without the call
+    return out
+
+
+def _opt(value: str | None) -> str:
+    return "null" if value is None else _str(value)
 
 
 def _own_hash_ok(r: CustodyRecord) -> bool:

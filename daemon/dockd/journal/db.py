@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
-from dockd.custody import GENESIS, CustodyRecord, record_hash
+from dockd.custody import GENESIS, CustodyRecord, canonical_details, hash_with_details_json
 from dockd.errors import JournalError
 from dockd.ids import utc_now
 from dockd.journal.schema import MIGRATIONS
@@ -215,6 +215,8 @@ def append_custody_run(
     seq, prev = (0, GENESIS) if head is None else (head[0], head[1])
     session_heads: dict[str, str | None] = {}
     out: list[CustodyRecord] = []
+    rows: list[tuple[Any, ...]] = []
+    at = utc_now()  # one transaction, one instant; `seq` orders the records
     for event, session_id, details in records:
         session_prev: str | None = None
         if session_id is not None:
@@ -226,40 +228,31 @@ def append_custody_run(
                 session_heads[session_id] = None if last is None else last[0]
             session_prev = session_heads[session_id]
         seq += 1
-        at = utc_now()
-        clean = json.loads(json.dumps(dict(details), default=str))  # what is stored is hashed
-        digest = record_hash(
+        # serialized once: this text is what is hashed and stored, and what is returned is
+        # read back from it (a value JSON cannot hold exactly is stored as its str)
+        text = canonical_details(details)
+        digest = hash_with_details_json(
             seq=seq,
             at=at,
             dock_id=dock_id,
             session_id=session_id,
             event=event,
-            details=clean,
+            details_json=text,
             prev_hash=prev,
             session_prev=session_prev,
         )
         out.append(
-            CustodyRecord(seq, at, dock_id, session_id, event, clean, prev, session_prev, digest)
+            CustodyRecord(
+                seq, at, dock_id, session_id, event, json.loads(text), prev, session_prev, digest
+            )
         )
+        rows.append((seq, at, dock_id, session_id, event, text, prev, session_prev, digest))
         prev = digest
         if session_id is not None:
             session_heads[session_id] = digest
     conn.executemany(
         "INSERT INTO custody (seq, at, dock_id, session_id, event, details, prev_hash,"
         " session_prev, hash) VALUES (?,?,?,?,?,?,?,?,?)",
-        [
-            (
-                r.seq,
-                r.at,
-                r.dock_id,
-                r.session_id,
-                r.event,
-                json.dumps(r.details, sort_keys=True),
-                r.prev_hash,
-                r.session_prev,
-                r.hash,
-            )
-            for r in out
-        ],
+        rows,
     )
     return out
