@@ -160,6 +160,7 @@ def one_run(
         disk=disk,
         cgroup_procs=throttle.procs if throttle.available else None,
         lag_trace_ms=args.lag_trace_ms,
+        setup=args.setup,
         log_level=args.log_level,
         log_file=work / "dockd.log",
         time_split=True,
@@ -196,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="diagnosis: print the loop thread's stack whenever it is this late (_dockd.py)",
+    )
+    ap.add_argument(
+        "--setup",
+        default=None,
+        help="what-if: FILE.py:FUNCTION run in the daemon's process first (as files.py's)",
     )
     args = ap.parse_args(argv)
     rates = [int(x) for x in args.rates.split(",") if x]
