@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import stat
 from pathlib import Path
 
 import pytest
 
 from dockd.evidence.signing import (
+    DockKey,
     SigningError,
     check_signature,
     load,
@@ -45,6 +48,56 @@ def test_signature_checks_out_and_fails_after_any_edit(tmp_path: Path) -> None:
     problem = check_signature(edited, sig, trusted)
     assert problem is not None
     assert "altered" in problem
+
+
+def raw_signature(key: DockKey, data: bytes) -> bytes:
+    """A signature file as dockd wrote them before the prehashed scheme: over the raw bytes."""
+    sig = base64.b64encode(key.private.sign(data)).decode()
+    return f"dockd-ed25519 {key.key_id} {sig}\n".encode()
+
+
+def test_manifests_are_signed_over_their_sha512_with_a_prefix(tmp_path: Path) -> None:
+    key = load_or_create(tmp_path / "k", "d")
+    manifest = b'{"format": "dockd.manifest/1", "files": []}\n'
+    sig = key.sign(manifest)
+    scheme, key_id, signature = sig.decode().split()
+
+    assert (scheme, key_id) == ("dockd-ed25519-sha512", key.key_id)
+    assert sig.endswith(b"\n") and sig.count(b"\n") == 1
+    assert key.sign_sha512(hashlib.sha512(manifest).digest()) == sig  # as the seal signs it
+    message = b"dockd.manifest.sha512/1\n" + hashlib.sha512(manifest).digest()
+    assert len(message) == 24 + 64
+    key.public.verify(base64.b64decode(signature), message)  # what docs/evidence.md checks
+    with pytest.raises(ValueError, match="SHA-512"):
+        key.sign_sha512(hashlib.sha256(manifest).digest())
+
+
+def test_signatures_over_the_raw_bytes_still_verify_and_neither_survives_an_edit(
+    tmp_path: Path,
+) -> None:
+    """Evidence sealed before the prehashed scheme keeps verifying."""
+    key = load_or_create(tmp_path / "k", "d")
+    trusted = trusted_keys(None, key)
+    manifest = b'{"format": "dockd.manifest/1", "files": []}\n'
+    edited = manifest.replace(b"[]", b"[ ]")
+    for sig in (key.sign(manifest), raw_signature(key, manifest)):
+        assert check_signature(manifest, sig, trusted) is None
+        problem = check_signature(edited, sig, trusted)
+        assert problem == f"signature by key {key.key_id} does not match the manifest (altered)"
+
+
+def test_a_signature_under_the_other_schemes_name_does_not_verify(tmp_path: Path) -> None:
+    key = load_or_create(tmp_path / "k", "d")
+    trusted = trusted_keys(None, key)
+    manifest = b"manifest"
+    new, old = key.sign(manifest), raw_signature(key, manifest)
+    relabelled = [
+        new.replace(b"dockd-ed25519-sha512 ", b"dockd-ed25519 "),
+        old.replace(b"dockd-ed25519 ", b"dockd-ed25519-sha512 "),
+    ]
+    for sig in relabelled:
+        assert "altered" in (check_signature(manifest, sig, trusted) or "")
+    assert check_signature(manifest, b"ssh-ed25519 x y\n", trusted) == "signature file is malformed"
 
 
 def test_signature_by_an_untrusted_dock_is_refused(tmp_path: Path) -> None:

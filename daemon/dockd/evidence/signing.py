@@ -6,10 +6,17 @@ is printed by `dockd key show` as one line, which is also the format of a truste
     dockd-ed25519 <key_id> <public key, base64> <dock_id>
 
 `key_id` is the first 16 hex digits of SHA-256 over the raw 32-byte public key. The manifest
-names it (`signing.key_id`). The signature is detached, in `manifest.json.sig`, over the exact
-bytes of `manifest.json` as stored — no canonicalisation to get wrong:
+names it (`signing.key_id`). The signature is detached, in `manifest.json.sig`:
 
-    dockd-ed25519 <key_id> <signature, base64>
+    dockd-ed25519-sha512 <key_id> <signature, base64>
+
+It signs `dockd.manifest.sha512/1\n` followed by the 64-byte SHA-512 of the exact bytes of
+`manifest.json` as stored — no canonicalisation to get wrong. Prehashed because pure Ed25519
+hashes its whole message twice: the seal writes a manifest of 100 000 files to disk as it
+builds it and must not hold it in memory to sign it; its SHA-512 is taken on the way. The
+prefix names what is signed, so these bytes are never a valid signature of anything else.
+Manifests signed before that (`dockd-ed25519 <key_id> <signature>`, over the raw bytes) still
+verify.
 
 It is written just before the manifest, so the manifest stays the last object of a session.
 """
@@ -29,7 +36,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from dockd.errors import ConfigError
 
-SCHEME = "dockd-ed25519"
+SCHEME = "dockd-ed25519"  # the key type: public-key lines, and signatures over the raw bytes
+MANIFEST_SCHEME = "dockd-ed25519-sha512"  # signatures over MANIFEST_DIGEST_PREFIX + SHA-512
+MANIFEST_DIGEST_PREFIX = b"dockd.manifest.sha512/1\n"
 
 
 class SigningError(ConfigError):
@@ -60,8 +69,20 @@ class DockKey:
         return f"{SCHEME} {self.key_id} {base64.b64encode(raw).decode()} {self.dock_id}"
 
     def sign(self, data: bytes) -> bytes:
-        sig = base64.b64encode(self.private.sign(data)).decode()
-        return f"{SCHEME} {self.key_id} {sig}\n".encode()
+        """The signature file of a manifest held in memory."""
+        return self.sign_sha512(hashlib.sha512(data).digest())
+
+    def sign_sha512(self, sha512: bytes) -> bytes:
+        """The signature file of a manifest whose SHA-512 (raw 64 bytes) is `sha512`."""
+        sig = base64.b64encode(self.private.sign(manifest_message(sha512))).decode()
+        return f"{MANIFEST_SCHEME} {self.key_id} {sig}\n".encode()
+
+
+def manifest_message(sha512: bytes) -> bytes:
+    """What a `dockd-ed25519-sha512` signature signs, for a manifest with this SHA-512."""
+    if len(sha512) != hashlib.sha512().digest_size:
+        raise ValueError("a manifest digest is the 64 bytes of a SHA-512")
+    return MANIFEST_DIGEST_PREFIX + sha512
 
 
 def load_or_create(path: Path, dock_id: str) -> DockKey:
@@ -144,13 +165,16 @@ def trusted_keys(directory: Path | None, own: DockKey | None) -> dict[str, Trust
 
 
 def check_signature(data: bytes, sig_file: bytes, keys: dict[str, TrustedKey]) -> str | None:
-    """None if `sig_file` is a good signature of `data` by a trusted key, else the problem."""
+    """None if `sig_file` is a good signature of `data` by a trusted key, else the problem.
+    Either scheme: over the SHA-512 (what dockd signs now) or over the raw bytes (before)."""
     parts = sig_file.decode("utf-8", errors="replace").split()
-    if len(parts) != 3 or parts[0] != SCHEME:
+    if len(parts) != 3 or parts[0] not in (MANIFEST_SCHEME, SCHEME):
         return "signature file is malformed"
     trusted = keys.get(parts[1])
     if trusted is None:
         return f"signed by key {parts[1]}, which is not trusted"
+    if parts[0] == MANIFEST_SCHEME:
+        data = manifest_message(hashlib.sha512(data).digest())
     try:
         trusted.public.verify(base64.b64decode(parts[2], validate=True), data)
     except (InvalidSignature, binascii.Error, ValueError):
