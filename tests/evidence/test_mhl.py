@@ -8,21 +8,22 @@ Each test lays out a session folder on disk, writes dockd's history for it from 
 
 from __future__ import annotations
 
-import hashlib
 import os
+import random
 import shutil
 import time
 from collections.abc import Iterator
+from dataclasses import astuple
 from pathlib import Path
 
 import pytest
+import seal_reference
 import xxhash
 from mhl_reference import ascmhl, reference_verify, xsd_check
+from sealed_sessions import Session, Spec, journal_with
 
-from dockd.evidence import mhl
-from dockd.ids import CameraId, SessionId
-from dockd.journal.rows import FileRow, SessionRow
-from dockd.journal.states import FileState, SessionState
+from dockd.evidence import mhl, seal
+from dockd.ids import SessionId
 
 hashlist_xml_parser = pytest.importorskip("ascmhl.hashlist_xml_parser")
 ascmhl_hasher = pytest.importorskip("ascmhl.hasher")
@@ -63,13 +64,27 @@ def entries(files: dict[str, bytes]) -> list[mhl.Entry]:
     ]
 
 
+def hash_list(entries: list[mhl.Entry], created: str, hostname: str, **more: str) -> bytes:
+    """A hash list as the seal writes one: the elements streamed in tree order, then the
+    header (with the root hash) put before them."""
+    body = bytearray()
+    stream = mhl.HashListBody(body.extend)
+    for e in sorted(entries, key=lambda e: mhl.tree_key(e.path)):
+        stream.add(e)
+    content, structure = stream.finish()
+    head = mhl.header(
+        root_content=content, root_structure=structure, created=created, hostname=hostname, **more
+    )
+    return head + bytes(body) + mhl.FOOTER
+
+
 def write_history(root: Path, files: dict[str, bytes]) -> Path:
     """dockd's history for `files`, written into `root/ascmhl/`; returns the .mhl file."""
     name = mhl.hash_list_name(root.name, SEALED)
-    body = mhl.hash_list(entries(files), created="2026-11-24T17:52:07Z", hostname="dock-a")
+    body = hash_list(entries(files), created="2026-11-24T17:52:07Z", hostname="dock-a")
     (root / "ascmhl").mkdir()
     (root / name).write_bytes(body)
-    (root / mhl.CHAIN).write_bytes(mhl.chain([(name, body)]))
+    (root / mhl.CHAIN).write_bytes(mhl.chain([(name, mhl.c4(body))]))
     return root / name
 
 
@@ -109,6 +124,70 @@ def test_xxh128_and_c4_are_the_reference_implementations(data: bytes) -> None:
     assert mhl.xxh128(data) == xxhash.xxh3_128(data).hexdigest()  # what the offload computes
     assert mhl.c4(data) == ascmhl_hasher.C4.hash_data(data)
     assert len(mhl.c4(data)) == 90
+
+
+# --- the stream against the tree dockd built before ----------------------------------------------
+
+NAMES = ("a", "b", "a-b", "a.b", "a b", "b-c", "B", "ab", "ä", "📹", "x\x01", "bell\x07", "R&D")
+IGNORED = (".DS_Store", "ascmhl", "manifest.json", "manifest.json.sig")
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_streamed_hash_list_is_the_bytes_of_the_tree_built_one(seed: int) -> None:
+    """Random folders of names that sort differently as path components than as paths, that
+    XML cannot hold, that are ignored, or a name that is a file and a folder both: the stream
+    in `tree_key` order writes exactly what the in-memory tree of the old seal wrote."""
+    rng = random.Random(seed)
+    names = NAMES + IGNORED
+    paths = {"SHA256SUMS", "custody.jsonl"}
+    for _ in range(rng.randint(1, 80)):
+        parts = [rng.choice(names) for _ in range(rng.randint(1, 4))]
+        paths.add("/".join(["files", *parts] if rng.random() < 0.9 else parts))
+    entries = [
+        mhl.Entry(
+            p,
+            rng.randint(0, 10**6),
+            rng.randbytes(16).hex(),
+            rng.choice([None, "2026-11-24T09:02:11Z"]),
+            rng.choice([None, "2026-11-24T17:50:01.000001Z"]),
+        )
+        for p in sorted(paths)
+    ]
+    rng.shuffle(entries)
+    more = {"comment": "camera <X> & co", "tool_version": "1.2.3"}
+    old_entries = [seal_reference.Entry(*astuple(e)) for e in entries]
+
+    ours = hash_list(entries, created="2026-11-24T17:52:07Z", hostname="dock-a", **more)
+    theirs = seal_reference.hash_list(
+        old_entries, created="2026-11-24T17:52:07Z", hostname="dock-a", **more
+    )
+
+    assert ours == theirs
+
+
+def test_what_xml_can_carry_is_decided_as_before_for_every_code_point() -> None:
+    text = "".join(map(chr, range(0x110000)))
+    assert [mhl.representable(c) for c in text] == [seal_reference.representable(c) for c in text]
+
+
+def test_tree_key_orders_folders_first_then_files_by_name_component_by_component() -> None:
+    paths = ["b-c/y", "a.txt", "b/x", "a/z", "b/.DS_Store/q", "b/a/ascmhl", "a-"]
+    assert sorted(paths, key=mhl.tree_key) == [
+        "a/z",
+        "b/.DS_Store/q",  # only opens b/ (nothing below an ignored name)
+        "b/a/ascmhl",  # only opens b/a/
+        "b/x",
+        "b-c/y",
+        "a-",
+        "a.txt",
+    ]
+
+
+def test_entries_out_of_tree_order_are_refused() -> None:
+    stream = mhl.HashListBody(lambda _: None)
+    stream.add(mhl.Entry("files/b/x", 1, "0" * 32))
+    with pytest.raises(ValueError, match="tree order"):
+        stream.add(mhl.Entry("files/a/x", 1, "0" * 32))
 
 
 # --- against the reference tools ---------------------------------------------------------------
@@ -209,46 +288,42 @@ def test_a_name_xml_cannot_hold_is_left_out_of_the_list_but_not_of_the_folder_ha
 # --- from the journal --------------------------------------------------------------------------
 
 
-def session_row() -> SessionRow:
-    return SessionRow(
-        id=SESSION,
-        camera=CameraId("X6039B2A3"),
-        state=SessionState.SEALED,
-        docked_at="2026-11-24T17:49:00.000001Z",
-        offloaded_at="2026-11-24T17:51:00.000001Z",
-        sealed_at=SEALED,
-        uploaded_at=SEALED,
-        vendor_id=None,
-        model_id=None,
-        officer=None,
-        priority=0,
-        custody_last_seq=9,
-        error=None,
-    )
-
-
-def file_rows(xxh: bool = True) -> list[FileRow]:
-    return [
-        FileRow(
-            id=n,
-            session_id=SESSION,
-            camera=CameraId("X6039B2A3"),
-            path=rel.removeprefix("files/"),
-            raw_path=None,
-            size=len(data),
-            mtime_ns=MTIME_NS,
-            state=FileState.STORED,
-            sha256=hashlib.sha256(data).hexdigest(),
-            key=None,
-            error=None,
-            xxh128=mhl.xxh128(data) if xxh else None,
-        )
-        for n, (rel, data) in enumerate(FOLDER.items())
+def journal_session(tmp_path: Path, xxh: bool = True) -> Path:
+    """A journal holding FOLDER's camera files as one sealed session (sealed at SEALED)."""
+    files = [
+        Spec(rel.removeprefix("files/"), data, xxh=xxh)
+        for rel, data in FOLDER.items()
         if rel.startswith("files/")
     ]
+    path = tmp_path / "state" / "journal.sqlite3"
+    journal_with(path, "dock-a", [Session(SESSION, files=files, sealed_at=SEALED)])
+    return path
 
 
-SIDECARS = [("SHA256SUMS", FOLDER["SHA256SUMS"]), ("custody.jsonl", FOLDER["custody.jsonl"])]
+def sealed(journal: Path, out: Path) -> list[seal.SealedObject]:
+    return seal.write_session_objects(journal, "dock-a", SESSION, out, None)
+
+
+def test_history_from_the_journal_is_named_after_the_sealing_and_verifies(
+    folder: Path, tmp_path: Path
+) -> None:
+    objects = sealed(journal_session(tmp_path), tmp_path / "seal")
+
+    assert [o.name for o in objects][2:4] == [
+        f"ascmhl/0001_{SESSION}_2026-11-24_175207Z.mhl",
+        "ascmhl/ascmhl_chain.xml",
+    ]
+    (folder / "ascmhl").mkdir()
+    for o in objects:  # the session's own SHA256SUMS, custody.jsonl, manifest and history
+        shutil.copyfile(o.path, folder / o.name)
+    text = objects[2].path.read_text()
+    assert "<creationdate>2026-11-24T17:52:07Z</creationdate>" in text
+    assert "<hostname>dock-a</hostname>" in text
+    assert '<tool version="' in text and ">dockd</tool>" in text
+    assert 'lastmodificationdate="2026-11-24T09:02:11Z"' in text  # the camera's mtime, UTC
+    assert 'hashdate="2026-11-24T17:50:01.000001Z"' in text  # when it was copied
+    assert reference_verify(folder, "--directory_hash").returncode == 0
+    assert reference_verify(folder).returncode == 0
 
 
 @pytest.fixture
@@ -266,41 +341,6 @@ def other_time_zone() -> Iterator[None]:
         time.tzset()
 
 
-def test_history_from_journal_rows_is_named_after_the_sealing_and_verifies(
-    folder: Path,
-) -> None:
-    objects = mhl.history(session_row(), "dock-a", file_rows(), SIDECARS, [])
-
-    assert [name for name, _ in objects] == [
-        f"ascmhl/0001_{SESSION}_2026-11-24_175207Z.mhl",
-        "ascmhl/ascmhl_chain.xml",
-    ]
-    (folder / "ascmhl").mkdir()
-    for name, body in objects:
-        (folder / name).write_bytes(body)
-    text = objects[0][1].decode()
-    assert "<creationdate>2026-11-24T17:52:07Z</creationdate>" in text
-    assert "<hostname>dock-a</hostname>" in text
-    assert '<tool version="' in text and ">dockd</tool>" in text
-    assert 'lastmodificationdate="2026-11-24T09:02:11Z"' in text  # the camera's mtime, UTC
-    assert reference_verify(folder, "--directory_hash").returncode == 0
-    assert reference_verify(folder).returncode == 0
-
-
-def test_history_is_the_same_bytes_on_every_rebuild_in_any_time_zone(
-    other_time_zone: None,
-) -> None:
-    first = mhl.history(session_row(), "dock-a", file_rows(), SIDECARS, [])
-    os.environ["TZ"] = "Asia/Kolkata"
-    time.tzset()
-    assert mhl.history(session_row(), "dock-a", file_rows(), SIDECARS, []) == first
-
-
-def test_no_history_for_files_offloaded_without_an_xxh128() -> None:
-    """A journal from before schema 2: the footage is not read again to make one up."""
-    assert mhl.history(session_row(), "dock-a", file_rows(xxh=False), SIDECARS, []) == []
-
-
 def test_chain_names_the_hash_list_by_its_c4(folder: Path) -> None:
     generation = write_history(folder, FOLDER)
     chain = (folder / mhl.CHAIN).read_text()
@@ -308,3 +348,21 @@ def test_chain_names_the_hash_list_by_its_c4(folder: Path) -> None:
     assert f"<c4>{ascmhl_hasher.C4.hash_file(str(generation))}</c4>" in chain
     shutil.rmtree(folder / "files" / "MISC")  # and the reference notices a file gone
     assert reference_verify(folder).returncode == 10
+
+
+def test_history_is_the_same_bytes_on_every_rebuild_in_any_time_zone(
+    other_time_zone: None, tmp_path: Path
+) -> None:
+    journal = journal_session(tmp_path)
+    first = {o.name: o.path.read_bytes() for o in sealed(journal, tmp_path / "first")}
+    os.environ["TZ"] = "Asia/Kolkata"
+    time.tzset()
+    again = {o.name: o.path.read_bytes() for o in sealed(journal, tmp_path / "again")}
+    assert again == first
+    assert any(name.endswith(".mhl") for name in first)
+
+
+def test_no_history_for_files_offloaded_without_an_xxh128(tmp_path: Path) -> None:
+    """A journal from before schema 2: the footage is not read again to make one up."""
+    objects = sealed(journal_session(tmp_path, xxh=False), tmp_path / "seal")
+    assert [o.name for o in objects] == ["SHA256SUMS", "custody.jsonl", "manifest.json"]

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import seal_reference
 from mhl_reference import reference_verify, xsd_check
 
 from dockd import __version__
@@ -32,11 +33,11 @@ from dockd.cli import main as dockd_main
 from dockd.config import parse_config
 from dockd.daemon import Daemon
 from dockd.events import Notice
-from dockd.evidence import keys, mhl
-from dockd.evidence.signing import check_signature, load, parse_public_line
+from dockd.evidence import keys, mhl, seal
+from dockd.evidence.manifest import SIGNATURE
+from dockd.evidence.signing import check_signature, load, parse_public_line, trusted_keys
 from dockd.ids import rfc3339_from_ns
 from dockd.journal import Journal
-from dockd.upload.worker import _session_objects
 
 hashlist_xml_parser = pytest.importorskip("ascmhl.hashlist_xml_parser")
 
@@ -330,7 +331,8 @@ def test_rebuilding_from_the_journal_gives_the_stored_bytes(
 ) -> None:
     """A restart between two objects of a session rebuilds them all: the store refuses other
     bytes under a key it holds, so every one must come out the same, whatever the time and the
-    time zone."""
+    time zone — and the same as the in-memory seal of earlier dockd versions wrote them, for a
+    session sealed before an upgrade (its signature differs by design: it still verifies)."""
     import time
 
     state = tmp_path / "state"
@@ -340,15 +342,27 @@ def test_rebuilding_from_the_journal_gives_the_stored_bytes(
     j = Journal.open(state / "journal.sqlite3", DOCK_ID)
     try:
         key = load(state / "dock.key", DOCK_ID)
+        assert key is not None
+        trusted = trusted_keys(None, key)
         for camera, session_id in built.sessions.items():
-            session = j.session(session_id)
-            assert session is not None
-            objects = _session_objects(j, session, DOCK_ID, key)
-            names = [name for name, _ in objects]
+            out = seal.seal_dir(tmp_path / "staging", session_id)
+            objects = seal.write_session_objects(
+                state / "journal.sqlite3", DOCK_ID, session_id, out, key
+            )
+            names = [o.name for o in objects]
             assert names[-2:] == ["manifest.json.sig", "manifest.json"]  # signed, then last
             assert names[2].startswith("ascmhl/") and names[3] == mhl.CHAIN  # before those
-            for name, body in objects:
-                assert (built.folder(camera) / name).read_bytes() == body, name
+            for o in objects:
+                assert (built.folder(camera) / o.name).read_bytes() == o.path.read_bytes(), o.name
+            session = j.session(session_id)
+            assert session is not None
+            before = dict(seal_reference._session_objects(j, session, DOCK_ID, key))
+            assert list(before) == names
+            for o in objects[:-2]:
+                assert o.path.read_bytes() == before[o.name], o.name
+            manifest_bytes = objects[-1].path.read_bytes()
+            assert manifest_bytes == before[keys.MANIFEST]
+            assert check_signature(manifest_bytes, before[SIGNATURE], trusted) is None
     finally:
         j.close()
         monkeypatch.undo()
@@ -399,6 +413,33 @@ def test_manifest_signature_fails_after_any_edit(
     assert edited != raw, what
     problem = check_signature(edited, sig, trusted)
     assert problem == f"signature by key {key.key_id} does not match the manifest (altered)"
+
+
+def documented_signature_check() -> str:
+    """Step 1 of "Checking a session without dockd" in docs/evidence.md, as printed there."""
+    doc = (Path(__file__).parents[2] / "docs" / "evidence.md").read_text()
+    step = doc[doc.index("**1. The manifest is the dock's own.**") :]
+    return step[step.index("```sh\n") + 6 : step.index("\n```\n")]
+
+
+def test_the_documented_openssl_check_verifies_the_signature_and_fails_after_an_edit(
+    built: Built, session_copy: Path
+) -> None:
+    if shutil.which("openssl") is None or shutil.which("sh") is None:
+        pytest.skip("no openssl or sh")
+    (session_copy.parent / "station1-dock-a.pub").write_text(key_show_line(built) + "\n")
+    script = documented_signature_check()
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["sh", "-c", script], cwd=session_copy, capture_output=True, text=True, check=False
+        )
+
+    done = run()
+    assert (done.returncode, done.stdout) == (0, "Signature Verified Successfully\n"), done.stderr
+    flip_byte(session_copy / keys.MANIFEST, 40)
+    done = run()
+    assert (done.returncode, done.stdout) == (1, "Signature Verification Failure\n")
 
 
 # --- dockd verify on a store copied elsewhere, with no journal ----------------------------------

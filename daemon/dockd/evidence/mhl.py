@@ -18,24 +18,27 @@ process's local time zone. Every value below comes from the journal: the creatio
 session's sealing time, file dates are the camera's mtimes, hash dates the copy times, all UTC.
 Directory hashes are computed the way the reference implementation computes them
 (`ascmhl.hasher.DirectoryHashContext`), over what its verify walks: every path not ignored.
+
+A session may hold 100 000 files, so the hash list is written as a stream (`HashListBody`, fed
+in `tree_key` order by `dockd.evidence.seal`), never built whole in memory.
 """
 
 from __future__ import annotations
 
 import binascii
 import hashlib
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import xxhash
 
 from dockd import __version__
-from dockd.custody import CustodyRecord
 from dockd.evidence.keys import ASCMHL, MANIFEST
 from dockd.evidence.manifest import SIGNATURE
 from dockd.ids import rfc3339_from_ns
-from dockd.journal.rows import FileRow, SessionRow
+from dockd.journal.rows import SessionRow
 
 CHAIN = f"{ASCMHL}/ascmhl_chain.xml"
 TOOL = "dockd"
@@ -48,6 +51,9 @@ FILES = "files"
 IGNORE_PATTERNS = (".DS_Store", "ascmhl", "ascmhl/", MANIFEST, SIGNATURE)
 _IGNORED_NAMES = frozenset(p.rstrip("/") for p in IGNORE_PATTERNS)
 
+_HEX = 32  # an xxh128 in hex digits
+# what XML 1.0 has no place for: a character outside its Char production
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 _C4_ALPHABET = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 
 
@@ -62,82 +68,117 @@ class Entry:
     hashdate: str | None = None  # RFC 3339
 
 
-@dataclass
-class _Dir:
-    dirs: dict[str, _Dir] = field(default_factory=dict)
-    files: dict[str, Entry] = field(default_factory=dict)
+class HashListBody:
+    """The `<hash>` and `<directoryhash>` elements of a hash list, written as entries come.
 
-
-def history(
-    session: SessionRow,
-    dock_id: str,
-    files: Sequence[FileRow],
-    sidecars: Sequence[tuple[str, bytes]],
-    records: Sequence[CustodyRecord],
-) -> list[tuple[str, bytes]]:
-    """The history's objects, (name relative to the session root, bytes), the hash list first.
-
-    `files` are the session's files in the store; `sidecars` the objects written beside
-    `files/` (SHA256SUMS, custody.jsonl); `records` the session's custody slice. Empty when a
-    file has no xxh128 (offloaded by a dockd that did not compute it): a history leaving out
-    files would read as "new file" to every verifier, and the footage is not read again.
+    Entries must come in `tree_key` order, the reference implementation's order (post-order, by
+    name: a folder's sub-folders, each whole, then its files, then the folder's own directory
+    hash). Then only the open folders are held: root to the current one, each with the content
+    and structure hashes of its own children. That list is the one thing here that grows with a
+    session (with its largest folder, not with its file count): ASC MHL hashes a folder over
+    the sorted hashes of its children, so they must all be at hand when it closes.
     """
-    if any(f.xxh128 is None for f in files):
-        return []
-    sealed = session.sealed_at or session.uploaded_at or session.docked_at
-    copied = _copy_times(records)
-    entries = [
-        Entry(
-            f"{FILES}/{f.path}",
-            f.size,
-            f.xxh128 or "",
-            _mtime(f.mtime_ns),
-            copied.get(f.path),
-        )
-        for f in files
-    ]
-    entries += [
-        Entry(name, len(body), xxh128(body), _seconds(sealed), sealed) for name, body in sidecars
-    ]
-    name = hash_list_name(session.id, sealed)
-    version = next(
-        (
-            str(r.details["dockd_version"])
-            for r in records
-            if r.event == "sealed" and "dockd_version" in r.details
-        ),
-        __version__,
-    )
-    body = hash_list(
-        entries,
-        created=_seconds(sealed),
-        hostname=dock_id,
-        tool_version=version,
-        comment=f"dockd offload of camera {session.camera}, session {session.id}, dock {dock_id}",
-    )
-    return [(name, body), (CHAIN, chain([(name, body)]))]
+
+    def __init__(self, write: Callable[[bytes], object]) -> None:
+        self._write = write
+        self._open = [_Folder("", "")]  # the root, then the path to the current folder
+        self._last = b""
+
+    def add(self, e: Entry) -> None:
+        key = tree_key(e.path)
+        if key < self._last:
+            raise ValueError(f"hash list: {e.path} comes out of tree order")
+        self._last = key
+        if len(e.xxh128) != _HEX or not e.xxh128.isascii():
+            raise ValueError(f"hash list: {e.path}: {e.xxh128!r} is not an xxh128")
+        *dirs, name = e.path.split("/")
+        kept, listed = _walked(dirs, name)
+        depth = 0
+        while (
+            depth < min(len(kept), len(self._open) - 1)
+            and self._open[depth + 1].name == kept[depth]
+        ):
+            depth += 1
+        while len(self._open) - 1 > depth:
+            self._close()
+        for part in kept[depth:]:
+            parent = self._open[-1]
+            self._open.append(_Folder(part, f"{parent.path}/{part}" if parent.path else part))
+        if listed:
+            folder = self._open[-1]
+            folder.content += e.xxh128.encode("ascii")
+            folder.structure += _structure(name, e.xxh128).encode("ascii")
+            if representable(e.path):
+                self._write(_file_hash(e))
+
+    def finish(self) -> tuple[str, str]:
+        """Close every folder; returns the root's (content, structure) hashes."""
+        while len(self._open) > 1:
+            self._close()
+        root = self._open[0]
+        return _hash_of_hashes(root.content), _hash_of_hashes(root.structure)
+
+    def _close(self) -> None:
+        folder = self._open.pop()
+        content, structure = _hash_of_hashes(folder.content), _hash_of_hashes(folder.structure)
+        parent = self._open[-1]
+        parent.content += content.encode("ascii")
+        parent.structure += _structure(folder.name, structure).encode("ascii")
+        if representable(folder.path):
+            lines = [
+                "    <directoryhash>",
+                f"      <path>{_text(folder.path)}</path>",
+                *_dir_hashes(content, structure, "      "),
+                "    </directoryhash>",
+            ]
+            self._write(_lines(lines))
 
 
-def hash_list_name(session_id: str, sealed: str) -> str:
-    """`ascmhl/0001_<folder>_<date>Z.mhl`: the reference implementation's naming, with the
-    session folder's name and its sealing time (UTC) instead of now()."""
-    at = datetime.fromisoformat(sealed.replace("Z", "+00:00")).astimezone(UTC)
-    return f"{ASCMHL}/0001_{session_id}_{at.strftime('%Y-%m-%d_%H%M%S')}Z.mhl"
+@dataclass
+class _Folder:
+    name: str
+    path: str  # relative to the root, "" for the root
+    # the children's hashes, 32 hex digits each, packed: a folder of 100 000 files holds 6 MB
+    content: bytearray = field(default_factory=bytearray)
+    structure: bytearray = field(default_factory=bytearray)
 
 
-def hash_list(
-    entries: Iterable[Entry],
+def tree_key(path: str) -> bytes:
+    """A key whose byte order is the hash list's element order (`HashListBody`).
+
+    Per folder `\\x01 name \\x00`, then `\\x02 name` for the file: a folder's sub-folders
+    (\\x01) sort before its files (\\x02), and NUL (which no name holds) ends a folder name below
+    any byte of a longer one, so `b/x` sorts before `b-c/y` as the tree has it (by path, "-" is
+    before "/"). UTF-8 byte order is code point order, Python's order of names. A path below
+    an ignored name keys as the folders above it: those are still walked (a folder holding only
+    ignored entries is there, empty)."""
+    *dirs, name = path.split("/")
+    kept, listed = _walked(dirs, name)
+    key = b"".join(b"\x01" + d.encode("utf-8") + b"\x00" for d in kept)
+    return key + b"\x02" + name.encode("utf-8") if listed else key
+
+
+def _walked(dirs: list[str], name: str) -> tuple[list[str], bool]:
+    """The folders of a path the reference verify walks into, and whether it sees the file:
+    nothing at or below an ignored name, but the folders above it are there."""
+    for n, part in enumerate(dirs):
+        if part in _IGNORED_NAMES:
+            return dirs[:n], False
+    return dirs, name not in _IGNORED_NAMES
+
+
+def header(
     *,
+    root_content: str,
+    root_structure: str,
     created: str,
     hostname: str,
     comment: str | None = None,
     process: str = "transfer",
     tool_version: str = __version__,
 ) -> bytes:
-    """The bytes of one generation (`<hashlist version="2.0">`), deterministic."""
-    root = _tree(entries)
-    body: list[str] = []
-    root_content, root_structure = _emit(root, "", body)
+    """A hash list up to its `<hashes>`: the root hash comes before the elements it sums up,
+    so the body (`HashListBody`) is written first and this put before it."""
     out = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         '<hashlist version="2.0" xmlns="urn:ASC:MHL:v2.0">',
@@ -160,24 +201,50 @@ def hash_list(
         "    </ignore>",
         "  </processinfo>",
         "  <hashes>",
-        *body,
-        "  </hashes>",
-        "</hashlist>",
     ]
-    return ("\n".join(out) + "\n").encode("utf-8")
+    return _lines(out)
 
 
-def chain(generations: Sequence[tuple[str, bytes]]) -> bytes:
-    """`ascmhl_chain.xml`: each generation's file name and C4 id, in order."""
+FOOTER = b"  </hashes>\n</hashlist>\n"
+
+
+def sealing_time(session: SessionRow) -> str:
+    """The history's date: when the session was sealed, never now()."""
+    return session.sealed_at or session.uploaded_at or session.docked_at
+
+
+def comment(session: SessionRow, dock_id: str) -> str:
+    return f"dockd offload of camera {session.camera}, session {session.id}, dock {dock_id}"
+
+
+def file_entry(path: str, size: int, xxh128: str, mtime_ns: int, copied_at: str | None) -> Entry:
+    """A camera file (`path` relative to `files/`): the camera's mtime, hashed when copied."""
+    return Entry(f"{FILES}/{path}", size, xxh128, _mtime(mtime_ns), copied_at)
+
+
+def sidecar_entry(name: str, size: int, xxh128: str, sealed: str) -> Entry:
+    """SHA256SUMS or custody.jsonl: made, and hashed, at the sealing."""
+    return Entry(name, size, xxh128, seconds(sealed), sealed)
+
+
+def hash_list_name(session_id: str, sealed: str) -> str:
+    """`ascmhl/0001_<folder>_<date>Z.mhl`: the reference implementation's naming, with the
+    session folder's name and its sealing time (UTC) instead of now()."""
+    at = datetime.fromisoformat(sealed.replace("Z", "+00:00")).astimezone(UTC)
+    return f"{ASCMHL}/0001_{session_id}_{at.strftime('%Y-%m-%d_%H%M%S')}Z.mhl"
+
+
+def chain(generations: Sequence[tuple[str, str]]) -> bytes:
+    """`ascmhl_chain.xml`: each generation's (file name, C4 id), in order."""
     out = [
         '<?xml version="1.0" encoding="UTF-8"?>',
         '<ascmhldirectory xmlns="urn:ASC:MHL:DIRECTORY:v2.0">',
     ]
-    for n, (name, body) in enumerate(generations, start=1):
+    for n, (name, c4_id) in enumerate(generations, start=1):
         out += [
             f'  <hashlist sequencenr="{n}">',
             f"    <path>{_text(name.rpartition('/')[2])}</path>",
-            f"    <c4>{c4(body)}</c4>",
+            f"    <c4>{c4_id}</c4>",
             "  </hashlist>",
         ]
     out.append("</ascmhldirectory>")
@@ -190,7 +257,12 @@ def xxh128(data: bytes) -> str:
 
 def c4(data: bytes) -> str:
     """The C4 id (SMPTE ST 2114) of `data`: SHA-512 in base 58, 90 characters, "c4" first."""
-    n = int.from_bytes(hashlib.sha512(data).digest(), "big")
+    return c4_of_sha512(hashlib.sha512(data).digest())
+
+
+def c4_of_sha512(sha512: bytes) -> str:
+    """The C4 id of data whose SHA-512 (raw 64 bytes) is `sha512`."""
+    n = int.from_bytes(sha512, "big")
     digits = ""
     while n:
         n, r = divmod(n, 58)
@@ -200,10 +272,7 @@ def c4(data: bytes) -> str:
 
 def representable(text: str) -> bool:
     """True if XML 1.0 can carry `text` (it has no place for most control characters)."""
-    return all(
-        c in "\t\n\r" or "\x20" <= c <= "\ud7ff" or "\ue000" <= c <= "\ufffd" or c >= "\U00010000"
-        for c in text
-    )
+    return _NOT_XML.search(text) is None
 
 
 def ignored(path: str) -> bool:
@@ -214,9 +283,10 @@ def ignored(path: str) -> bool:
 # --- directory hashes, as ascmhl.hasher.DirectoryHashContext computes them ---------------------
 
 
-def _hash_of_hashes(hashes: list[str]) -> str:
+def _hash_of_hashes(packed: bytearray) -> str:
     h = xxhash.xxh3_128()
-    for s in sorted(hashes):
+    # sorted as the hex strings the reference sorts: ASCII byte order is their str order
+    for s in sorted(packed[i : i + _HEX] for i in range(0, len(packed), _HEX)):
         h.update(binascii.unhexlify(s))
     return h.hexdigest()
 
@@ -225,61 +295,19 @@ def _structure(name: str, digest: str) -> str:
     return xxh128(name.encode("utf-8") + binascii.unhexlify(digest))
 
 
-def _tree(entries: Iterable[Entry]) -> _Dir:
-    """The folder as the reference verify walks it: ignored names (and all below) left out,
-    but a folder holding only ignored files is still there."""
-    root = _Dir()
-    for e in entries:
-        *dirs, name = e.path.split("/")
-        d = root
-        for part in dirs:
-            if part in _IGNORED_NAMES:
-                break
-            d = d.dirs.setdefault(part, _Dir())
-        else:
-            if name not in _IGNORED_NAMES:
-                d.files[name] = e
-    return root
-
-
-def _emit(d: _Dir, prefix: str, out: list[str]) -> tuple[str, str]:
-    """Append the `<hash>`/`<directoryhash>` elements below `d` in the reference's order
-    (post-order, by name: sub-folders, then the folder's files, then the folder itself);
-    returns d's (content, structure) hashes."""
-    content: list[str] = []
-    structure: list[str] = []
-    for name in sorted(d.dirs):
-        path = prefix + name
-        c, s = _emit(d.dirs[name], path + "/", out)
-        content.append(c)
-        structure.append(_structure(name, s))
-        if representable(path):
-            out += [
-                "    <directoryhash>",
-                f"      <path>{_text(path)}</path>",
-                *_dir_hashes(c, s, "      "),
-                "    </directoryhash>",
-            ]
-    for name in sorted(d.files):
-        e = d.files[name]
-        content.append(e.xxh128)
-        structure.append(_structure(name, e.xxh128))
-        if representable(e.path):
-            out += _file_hash(e)
-    return _hash_of_hashes(content), _hash_of_hashes(structure)
-
-
-def _file_hash(e: Entry) -> list[str]:
+def _file_hash(e: Entry) -> bytes:
     attrs = f' size="{e.size}"'
     if e.mtime:
         attrs += f' lastmodificationdate="{_attr(e.mtime)}"'
     hashdate = f' hashdate="{_attr(e.hashdate)}"' if e.hashdate else ""
-    return [
-        "    <hash>",
-        f"      <path{attrs}>{_text(e.path)}</path>",
-        f'      <{HASH_FORMAT} action="original"{hashdate}>{e.xxh128}</{HASH_FORMAT}>',
-        "    </hash>",
-    ]
+    return _lines(
+        [
+            "    <hash>",
+            f"      <path{attrs}>{_text(e.path)}</path>",
+            f'      <{HASH_FORMAT} action="original"{hashdate}>{e.xxh128}</{HASH_FORMAT}>',
+            "    </hash>",
+        ]
+    )
 
 
 def _dir_hashes(content: str, structure: str, indent: str) -> list[str]:
@@ -296,17 +324,6 @@ def _dir_hashes(content: str, structure: str, indent: str) -> list[str]:
 # --- values -------------------------------------------------------------------------------------
 
 
-def _copy_times(records: Sequence[CustodyRecord]) -> Mapping[str, str]:
-    """Path -> when its copy (and so its xxh128) was made, from `file_offloaded` records."""
-    out: dict[str, str] = {}
-    for r in records:
-        if r.event == "file_offloaded":
-            path, at = r.details.get("path"), r.details.get("at")
-            if isinstance(path, str) and isinstance(at, str):
-                out[path] = at
-    return out
-
-
 def _mtime(ns: int) -> str | None:
     try:
         return rfc3339_from_ns(ns)
@@ -314,9 +331,13 @@ def _mtime(ns: int) -> str | None:
         return None
 
 
-def _seconds(at: str) -> str:
+def seconds(at: str) -> str:
     """Journal times carry microseconds; the hash list's own dates show whole seconds."""
     return at[:19] + "Z"
+
+
+def _lines(lines: list[str]) -> bytes:
+    return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 def _text(s: str) -> str:

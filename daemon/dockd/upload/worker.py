@@ -16,15 +16,13 @@ that did go in are recorded; a store that is away has the whole batch retried.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 import shutil
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from dockd.custody import CustodyRecord, canonical, summarize
 from dockd.durable import fsync_dir
 from dockd.errors import (
     IntegrityError,
@@ -35,9 +33,8 @@ from dockd.errors import (
 )
 from dockd.events import CameraStatus, Notice
 from dockd.events import Progress as ProgressEvent
-from dockd.evidence import keys, manifest, mhl, sums
-from dockd.evidence.signing import DockKey
-from dockd.journal import FileRow, FileState, Journal, SessionRow
+from dockd.evidence import keys, seal
+from dockd.journal import FileRow, FileState, SessionRow
 from dockd.observers.log import get as get_log
 from dockd.offload.session import staged_path
 from dockd.runtime import Runtime
@@ -391,16 +388,27 @@ class Uploader:
         rt = self.rt
         j = rt.journal.journal
         session = await rt.journal(j.seal, job.session.id)
-        data = await rt.journal(_session_objects, j, session, rt.config.dock.id, rt.dock_key)
         loop = asyncio.get_running_loop()
-        for name, body in data:  # signature, then manifest.json: the manifest is last
-            key = keys.sidecar_key(session.camera, session.id, name)
-            digest = hashlib.sha256(body).hexdigest()
-            await loop.run_in_executor(rt.upload_pool, rt.store.put_bytes, key, body, digest)
-            await loop.run_in_executor(rt.upload_pool, rt.store.verify, key, digest, len(body))
+        # written to staging in an upload thread, on a read connection of its own: a session of
+        # 100 000 files is seconds of reading that the journal thread (every camera's offload
+        # records) must not wait for, and a size no memory should hold
+        objects = await loop.run_in_executor(
+            rt.upload_pool,
+            seal.write_session_objects,
+            j.path,
+            rt.config.dock.id,
+            session.id,
+            seal.seal_dir(rt.staging, session.id),
+            rt.dock_key,
+        )
+        for o in objects:  # signature, then manifest.json: the manifest is last
+            key = keys.sidecar_key(session.camera, session.id, o.name)
+            await loop.run_in_executor(
+                rt.upload_pool, rt.store.put_file, key, o.path, o.sha256, o.size
+            )
+            await loop.run_in_executor(rt.upload_pool, rt.store.verify, key, o.sha256, o.size)
         manifest_key = keys.sidecar_key(session.camera, session.id, keys.MANIFEST)
-        manifest_sha = hashlib.sha256(data[-1][1]).hexdigest()
-        await rt.journal(j.session_uploaded, session.id, manifest_key, manifest_sha)
+        await rt.journal(j.session_uploaded, session.id, manifest_key, objects[-1].sha256)
         await asyncio.to_thread(_release_staging, rt.staging / session.id)
         await rt.journal(j.staging_released, session.id)
         rt.space_freed.set()
@@ -462,47 +470,6 @@ def _release(claims: Claims, job: Job) -> None:
             claims.files.pop(f.id, None)
     else:
         claims.sealing.discard(job.session.id)
-
-
-def _session_objects(
-    j: Journal, session: SessionRow, dock_id: str, key: DockKey | None = None
-) -> list[tuple[str, bytes]]:
-    """The sidecars, signature and manifest of a sealed session, rebuilt byte-identically every
-    time (Ed25519 signatures are deterministic, so a restart re-signs to the same bytes): the
-    ASC MHL history comes from the journal (xxh128 of each file, sealing time), not from now()."""
-    files = j.session_files(session.id)
-    stored = [f for f in files if f.state in (FileState.STORED, FileState.CLEARED)]
-    sums_body = sums.render((f.sha256 or "", f.path) for f in stored)
-    records = [
-        r
-        for r in j.custody_records(session.id)
-        if session.custody_last_seq is None or r.seq <= session.custody_last_seq
-    ]
-    custody_body = "".join(_custody_line(r) for r in records).encode()
-    sidecars = [(keys.SUMS, sums_body), (keys.CUSTODY, custody_body)]
-    sidecars += mhl.history(session, dock_id, stored, sidecars, records)
-    m = manifest.build(
-        session=session,
-        dock_id=dock_id,
-        files=files,
-        skipped=j.session_skipped(session.id),
-        sidecars=[(n, len(b), hashlib.sha256(b).hexdigest()) for n, b in sidecars],
-        custody=summarize(records),
-        key_id=None if key is None else key.key_id,
-    )
-    body = manifest.dumps(m)
-    signed = [] if key is None else [(manifest.SIGNATURE, key.sign(body))]
-    return [*sidecars, *signed, (keys.MANIFEST, body)]
-
-
-_RECORD_FIELDS = tuple(f.name for f in fields(CustodyRecord))
-
-
-def _custody_line(r: CustodyRecord) -> str:
-    """`r.to_json()` and a newline, byte for byte, without `dataclasses.asdict`'s deep copy of
-    every record (most of the time of a seal of thousands of files): the same fields, the same
-    canonical JSON."""
-    return canonical({name: getattr(r, name) for name in _RECORD_FIELDS}) + "\n"
 
 
 def _release_staging(path: Path) -> None:
