@@ -37,6 +37,7 @@ import mmap
 import os
 import stat
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,9 @@ from dockd.durable import fsync_dir
 from dockd.errors import CameraGone, IntegrityError, ReadFailed, SourceChanged, StagingFull
 
 _PAGE = mmap.PAGESIZE
+
+# chunks written but not yet read back, per copy: their write-back runs while the source is read
+READBACK_LAG = 1
 
 # errno values that mean the device went away rather than that one file is bad
 _GONE = frozenset({errno.ENODEV, errno.ENXIO, errno.ESHUTDOWN, errno.ENOTCONN})
@@ -198,13 +202,14 @@ class _ReadBack:
     byte is read back after the fsync, as a whole-file read-back would.
     """
 
-    __slots__ = ("_done", "_fd", "_path", "_seam", "_sha", "_started", "_streaming")
+    __slots__ = ("_behind", "_done", "_fd", "_path", "_seam", "_sha", "_started", "_streaming")
 
     def __init__(self, fd: int, path: Path, seam: Callable[[Path], None] | None) -> None:
         self._fd, self._path, self._seam = fd, path, seam
         self._sha = hashlib.sha256()
         self._done = 0  # bytes read back
         self._started = 0  # bytes whose write-back was started
+        self._behind: deque[int] = deque()  # ends of the written chunks not yet read back
         self._streaming = True
 
     def written(self, end: int, view: memoryview) -> None:
@@ -216,19 +221,21 @@ class _ReadBack:
         if not self._streaming or end <= self._started:
             return
         try:
-            # this chunk's write-back queued first, so the disk has it while the last one's
-            # is waited for and read back
+            # this chunk's write-back queued first, so the disk has it while an older one's is
+            # waited for and read back
             if not durable.start_writeback(self._fd, self._started, end - self._started):
                 self._streaming = False
                 return
-            waited = self._started > self._done and durable.wait_written(
-                self._fd, self._done, self._started - self._done
-            )
+            self._started = end
+            self._behind.append(end)
+            while len(self._behind) > READBACK_LAG:
+                upto = self._behind.popleft()
+                if not durable.wait_written(self._fd, self._done, upto - self._done):
+                    self._streaming = False
+                    return
+                self._read_back(upto, view)
         except OSError as exc:
             raise _staging_error(exc, self._path) from exc
-        if waited:
-            self._read_back(self._started, view)
-        self._started = end
 
     def finish(self, end: int, view: memoryview) -> str:
         """After the fsync: read back the rest; the SHA-256 of every byte read back."""
